@@ -1,0 +1,23 @@
+// Every m1 op schema, in one place (TORCH_LIBRARY(m1, m)). Implementations
+// register beside their kernels: TORCH_LIBRARY_IMPL(m1, CPU, m) in the CPU
+// glue, TORCH_LIBRARY_IMPL(m1, CUDA, m) in the CUDA glue, so an op whose CUDA
+// kernel was not built has no CUDA impl and the dispatcher says so.
+// Fake (meta) impls and autograd are registered in Python (m1ops/<family>.py).
+//
+// Importing m1ops._C loads this library, which runs the static registrations;
+// the module itself is empty (no pybind).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "m1 kernels; ops live in torch.ops.m1", -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(m1, m) {
+  // Lightning attention, one decode step (DESIGN 3.1): state <- exp(-slope) * state + k^T v,
+  // returns scale * q @ state. q, k: [B, H, K]; v: [B, H, V]; slope: [H] float32;
+  // state: [B, H, K, V] float32, updated in place; returns o: [B, H, V] in v's dtype.
+  m.def("lightning_attn_decode(Tensor q, Tensor k, Tensor v, Tensor slope, Tensor(a!) state, *, float scale=1.0) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}

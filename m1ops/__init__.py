@@ -1,0 +1,13 @@
+"""m1ops: the compute core of MiniMax-M1 as torch.ops.m1 kernels.
+
+Every op has a CPU kernel (C++), a CUDA kernel where one is built, a fake impl
+for torch.compile, and a float64 reference in m1ops.reference.
+"""
+
+from m1ops._build import build_info, load_extension
+
+load_extension()  # before any torch.library call: the schemas live in _C
+
+from m1ops.lightning import lightning_attn_decode  # noqa: E402
+
+__all__ = ["build_info", "lightning_attn_decode"]

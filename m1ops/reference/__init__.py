@@ -1,0 +1,12 @@
+"""Readable pure-PyTorch references of every m1 op, written from the math.
+
+Tests compare the kernels against these in float64; benchmarks time them.
+"""
+
+from m1ops.reference.lightning import (
+    lightning_attn_decode_ref,
+    lightning_attn_recurrent_ref,
+    lightning_attn_ref,
+)
+
+__all__ = ["lightning_attn_decode_ref", "lightning_attn_recurrent_ref", "lightning_attn_ref"]

@@ -1,0 +1,127 @@
+"""Runs every m1 op on the CPU against its float64 reference and prints a table.
+
+    python -m m1ops.selfcheck [--repeat N] [--json PATH]
+
+Each case draws fresh random inputs, runs the kernel and the reference from
+m1ops.reference on them, and reports the relative error ||out - ref|| / ||ref||
+of every output against its budget (DESIGN 4), and the median time of both.
+Exits non-zero when any output is over budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import m1ops
+from m1ops.reference import lightning_attn_decode_ref
+
+Outputs = dict[str, torch.Tensor]
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: torch.dtype
+    kernel: Callable[[], Outputs]  # runs the m1 op
+    reference: Callable[[], Outputs]  # runs the float64 reference on the same inputs
+    tol: float  # relative-error budget for every output
+    timed: Callable[[], object] | None = None  # what to time instead of `kernel` (e.g. without copies)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def lightning_decode_cases() -> list[Case]:
+    cases = []
+    # MiniMax-M1 decode shape per layer (H=64, K=V=128), batch 1 and 8.
+    for B, dtype, tol in [(1, torch.float32, 1e-5), (8, torch.float32, 1e-5), (1, torch.bfloat16, 2.0**-8 + 1e-5)]:
+        H, K, V = 64, 128, 128
+        q, k = torch.randn(B, H, K).to(dtype), torch.randn(B, H, K).to(dtype)
+        v = torch.randn(B, H, V).to(dtype)
+        slope = torch.rand(H)
+        state = torch.randn(B, H, K, V)
+
+        def kernel(q=q, k=k, v=v, slope=slope, state=state):
+            s = state.clone()
+            return {"o": m1ops.lightning_attn_decode(q, k, v, slope, s), "state": s}
+
+        def reference(q=q, k=k, v=v, slope=slope, state=state):
+            o, s = lightning_attn_decode_ref(q, k, v, slope, state.clone())
+            return {"o": o, "state": s}
+
+        # Timed in place on one state (the op's real use): no copy in the loop.
+        bench_state = state.clone()
+        timed = lambda q=q, k=k, v=v, slope=slope, s=bench_state: m1ops.lightning_attn_decode(q, k, v, slope, s)  # noqa: E731
+        cases.append(Case("lightning_attn_decode", f"B={B} H={H} K={K} V={V}", dtype, kernel, reference, tol, timed))
+    return cases
+
+
+ALL_CASES: list[Callable[[], list[Case]]] = [lightning_decode_cases]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs per case (median reported)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    info = m1ops.build_info()
+    print(
+        f"m1 self-check: torch {info['torch_runtime']}, {torch.get_num_threads()} CPU threads, "
+        f"CPU GEMM {info['cpu_gemm']}, CUDA kernels {'for ' + ';'.join(info['cuda_archs']) if info['cuda'] else 'not built'}"
+    )
+    header = f"{'op':<24} {'shape':<24} {'dtype':<9} {'output':<7} {'rel err':>9} {'budget':>8}  {'m1 ms':>8} {'ref ms':>8} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    rows, failed = [], 0
+    for make in ALL_CASES:
+        for case in make():
+            outs, refs = case.kernel(), case.reference()
+            ours_ms, ref_ms = median_ms(case.timed or case.kernel, args.repeat), median_ms(case.reference, max(3, args.repeat // 4))
+            for i, (name, ref) in enumerate(refs.items()):
+                err = rel_err(outs[name], ref)
+                ok = err <= case.tol
+                failed += not ok
+                timing = f"{ours_ms:8.3f} {ref_ms:8.3f} {ref_ms / ours_ms:7.1f}x" if i == 0 else ""
+                dtype = str(case.dtype).removeprefix("torch.")
+                print(
+                    f"{case.op:<24} {case.shape:<24} {dtype:<9} {name:<7} {err:9.2e} {case.tol:8.1e}"
+                    f"{'' if ok else ' FAIL'}  {timing}"
+                )
+                rows.append(dict(op=case.op, shape=case.shape, dtype=dtype, output=name, rel_err=err, tol=case.tol,
+                                 ok=ok, m1_ms=ours_ms, ref_ms=ref_ms))
+    print("-" * len(header))
+    print("all outputs within budget" if not failed else f"{failed} output(s) over budget")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"build_info": info, "rows": rows}, f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
