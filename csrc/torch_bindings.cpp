@@ -20,4 +20,18 @@ TORCH_LIBRARY(m1, m) {
   // state: [B, H, K, V] float32, updated in place; returns o: [B, H, V] in v's dtype.
   m.def("lightning_attn_decode(Tensor q, Tensor k, Tensor v, Tensor slope, Tensor(a!) state, *, float scale=1.0) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  // Lightning attention prefill, blockwise (DESIGN 3.1); m1ops.lightning_attn wraps it with autograd.
+  // q, k: [B, T, H, K]; v: [B, T, H, V]; slope: [H] float32; initial_state: [N, H, K, V]; cu_seqlens:
+  // [N + 1] offsets of packed sequences (B == 1), else N = B. Returns o: [B, T, H, V] in v's dtype and
+  // final_state: [N, H, K, V] float32 (float64 for float64 inputs). block_size=None: the device's default.
+  m.def("_lightning_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor slope, Tensor? initial_state=None, "
+        "Tensor? cu_seqlens=None, *, float scale=1.0, int? block_size=None) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // Its backward: gradients (dq, dk, dv, d_initial_state) from grad_o: [B, T, H, V] and grad_final_state:
+  // [N, H, K, V] (None = zeros); the forward is recomputed block by block, nothing is saved.
+  m.def("_lightning_attn_bwd(Tensor grad_o, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor slope, "
+        "Tensor? initial_state=None, Tensor? cu_seqlens=None, *, float scale=1.0, int? block_size=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }

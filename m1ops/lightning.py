@@ -1,6 +1,7 @@
-"""Lightning attention ops (DESIGN 3.1): typed wrappers and fake impls.
+"""Lightning attention ops (DESIGN 3.1): typed wrappers, fake impls, autograd.
 
-Shapes: B batch, H heads, K key/query head dim, V value head dim.
+Shapes: B batch, T tokens, H heads, K key/query head dim, V value head dim,
+N independent sequences (N = B, or the number of cu_seqlens segments).
 Decay: head h multiplies its [K, V] state by lambda_h = exp(-slope_h) per token.
 """
 
@@ -46,3 +47,110 @@ def lightning_attn_decode(
 @torch.library.register_fake("m1::lightning_attn_decode")
 def _lightning_attn_decode_fake(q, k, v, slope, state, *, scale=1.0):
     return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+# Tokens per block when block_size is None (the kernels' defaults): 64 on the
+# CPU (the fastest measured with bench/bench_lightning.py: the per-token cost is
+# 2 * block * (K + V) + 4 * K * V flops, and BLAS stays efficient on 64-row
+# tiles) and 64 on CUDA (the kernels' MMA tile along T; the only size they take).
+DEFAULT_BLOCK_SIZE = {"cpu": 64, "cuda": 64}
+
+
+def lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lightning attention over whole sequences (prefill / training), blockwise.
+
+    For each sequence and head, with lambda = exp(-slope_h) and S_0 = initial_state:
+
+        S_t = lambda * S_{t-1} + k_t^T v_t          o_t = scale * q_t S_t
+
+    computed block by block (intra-block (Q K^T * decay mask) V, inter-block
+    through the fp32 state), differentiable in q, k, v and initial_state.
+
+    Args:
+        q:     [B, T, H, K]  float32, bfloat16, float16 (float64 on CPU)
+        k:     [B, T, H, K]  q's dtype
+        v:     [B, T, H, V]  q's dtype
+        slope: [H]           float32 decay rates (>= 0; no gradient)
+        scale: MiniMax uses 1.0 (no 1/sqrt(K)).
+        initial_state: [N, H, K, V] float32 (float64 accepted with float64 inputs) or None (zeros).
+        output_final_state: return S_T of every sequence.
+        cu_seqlens: [N + 1] int32/int64 offsets of N sequences packed along T (B == 1):
+            cu[0] = 0, non-decreasing, cu[N] = T; empty segments are legal.
+        block_size: tokens per block (a speed knob: results agree across sizes to
+            rounding). None = DEFAULT_BLOCK_SIZE of the device; CPU takes 1..4096,
+            CUDA takes 64.
+
+    q, k, v may be strided views (e.g. slices of a fused qkv projection) as
+    long as their last dimension is contiguous. Head dims: CPU any K, V <= 256;
+    CUDA K = V in {64, 128}.
+
+    Returns:
+        o:           [B, T, H, V] in v's dtype.
+        final_state: [N, H, K, V] float32 (float64 for float64 inputs), or None
+                     unless output_final_state. Feeds m1ops.lightning_attn_decode.
+    """
+    if slope.requires_grad and torch.is_grad_enabled():
+        raise ValueError("m1ops.lightning_attn: no gradient with respect to 'slope' is implemented; pass slope.detach()")
+    o, final_state = torch.ops.m1._lightning_attn_fwd(
+        q, k, v, slope, initial_state, cu_seqlens, scale=scale, block_size=block_size
+    )
+    return o, (final_state if output_final_state else None)
+
+
+def _state_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _num_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@torch.library.register_fake("m1::_lightning_attn_fwd")
+def _lightning_attn_fwd_fake(q, k, v, slope, initial_state=None, cu_seqlens=None, *, scale=1.0, block_size=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    o = v.new_empty(B, T, H, V)
+    final_state = q.new_empty(_num_seqs(q, cu_seqlens), H, K, V, dtype=_state_dtype(q))
+    return o, final_state
+
+
+@torch.library.register_fake("m1::_lightning_attn_bwd")
+def _lightning_attn_bwd_fake(
+    grad_o, grad_final_state, q, k, v, slope, initial_state=None, cu_seqlens=None, *, scale=1.0, block_size=None
+):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    d_initial = q.new_empty(_num_seqs(q, cu_seqlens), H, K, V, dtype=_state_dtype(q))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_initial
+
+
+def _fwd_setup_context(ctx, inputs, keyword_only_inputs, output):
+    q, k, v, slope, initial_state, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, slope, initial_state, cu_seqlens)
+    ctx.scale = keyword_only_inputs.get("scale", 1.0)
+    ctx.block_size = keyword_only_inputs.get("block_size", None)
+
+
+def _fwd_backward(ctx, grad_o, grad_final_state):
+    q, k, v, slope, initial_state, cu_seqlens = ctx.saved_tensors
+    if grad_o.stride(-1) != 1:  # the kernel reads rows with a contiguous last dim
+        grad_o = grad_o.contiguous()
+    dq, dk, dv, d_initial = torch.ops.m1._lightning_attn_bwd(
+        grad_o, grad_final_state, q, k, v, slope, initial_state, cu_seqlens, scale=ctx.scale, block_size=ctx.block_size
+    )
+    d_initial = d_initial.to(initial_state.dtype) if initial_state is not None else None
+    return dq, dk, dv, None, d_initial, None
+
+
+torch.library.register_autograd("m1::_lightning_attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
