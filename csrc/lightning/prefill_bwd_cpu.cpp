@@ -23,6 +23,7 @@ namespace {
 
 using cpu_detail::CausalPass;
 using cpu_detail::DecayTables;
+using cpu_detail::Scratch;
 using cpu_detail::Task;
 using cpu_detail::Tile;
 using cpu_detail::TokenInput;
@@ -32,17 +33,17 @@ enum TaskKind { kDq = 0, kDkDv = 1 };
 
 // The reverse pass of one (sequence, head): dk, dv and d initial_state.
 template <typename T, typename S>
-void dkdv_pass(const PrefillParams& p, int64_t seq_index, int64_t h, std::vector<acc_t<T>>& scratch) {
+void dkdv_pass(const PrefillParams& p, int64_t seq_index, int64_t h, Scratch<acc_t<T>>& scratch) {
   using Acc = acc_t<T>;
-  const int64_t bs = p.block_size, K = p.dk, V = p.dv, H = p.heads;
   const SeqSpan seq = sequence_span(p.cu_seqlens, seq_index, p.seqlen);
+  const int64_t bs = cpu_detail::effective_block(p.block_size, seq.len), K = p.dk, V = p.dv, H = p.heads;
   const TokenInput<T> q{static_cast<const T*>(p.q), p.q_strides}, k{static_cast<const T*>(p.k), p.k_strides};
   const TokenInput<T> v{static_cast<const T*>(p.v), p.v_strides}, dout{static_cast<const T*>(p.grad_o), p.grad_o_strides};
   const TokenStrides dk_st{p.seqlen * H * K, H * K, K}, dv_st{p.seqlen * H * V, H * V, V};
 
   // Scratch: q, k, kd, qd [bs, K]; v, do, vd [bs, V]; dk [bs, K], dv [bs, V]; p, dp [bs, bs]; r [K, V].
-  scratch.resize(size_t(5 * bs * K + 4 * bs * V + 2 * bs * bs + K * V));
-  Acc *qb = scratch.data(), *kb = qb + bs * K, *kd = kb + bs * K, *qd = kd + bs * K, *dkb = qd + bs * K;
+  Acc* qb = scratch.get(5 * bs * K + 4 * bs * V + 2 * bs * bs + K * V);
+  Acc *kb = qb + bs * K, *kd = kb + bs * K, *qd = kd + bs * K, *dkb = qd + bs * K;
   Acc *vb = dkb + bs * K, *dob = vb + bs * V, *vd = dob + bs * V, *dvb = vd + bs * V;
   Acc *pm = dvb + bs * V, *dpm = pm + bs * bs, *r = dpm + bs * bs;
   DecayTables<Acc> dec;
@@ -116,7 +117,7 @@ void bwd_typed(const PrefillParams& p) {
     }
   }
 
-  cpu_detail::run_tasks<Acc>(std::move(tasks), [&](const Task& task, std::vector<Acc>& scratch) {
+  cpu_detail::run_tasks<Acc>(std::move(tasks), [&](const Task& task, Scratch<Acc>& scratch) {
     if (task.kind == kDkDv) {
       dkdv_pass<T, S>(p, task.seq, task.head, scratch);
       return;

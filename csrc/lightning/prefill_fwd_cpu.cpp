@@ -37,7 +37,7 @@ void fwd_typed(const PrefillParams& p) {
       }
   }
 
-  cpu_detail::run_tasks<Acc>(std::move(tasks), [&](const Task& task, std::vector<Acc>& scratch) {
+  cpu_detail::run_tasks<Acc>(std::move(tasks), [&](const Task& task, cpu_detail::Scratch<Acc>& scratch) {
     CausalPass<T, S> pass;
     pass.x = TokenInput<T>{static_cast<const T*>(p.q), p.q_strides};
     pass.y = TokenInput<T>{static_cast<const T*>(p.k), p.k_strides};
