@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 import m1ops
-from m1ops.reference import lightning_attn_decode_ref
+from m1ops.reference import lightning_attn_decode_ref, lightning_attn_ref
 
 Outputs = dict[str, torch.Tensor]
 
@@ -80,7 +80,54 @@ def lightning_decode_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES: list[Callable[[], list[Case]]] = [lightning_decode_cases]
+def lightning_cases() -> list[Case]:
+    """Blockwise prefill (forward, and forward + backward) with a carried state, dense and varlen."""
+    cases = []
+    H, K, V = 4, 128, 128
+    # (B, T, cu_seqlens, dtype, budget): fp32 accumulation; bf16 rounds each output once (2^-8).
+    configs = [
+        (2, 1000, None, torch.float32, 1e-5),
+        (2, 1000, None, torch.bfloat16, 2.0**-8 + 1e-5),
+        (1, 1200, [0, 1, 1, 700, 1200], torch.float32, 1e-5),
+    ]
+    for B, T, cu, dtype, tol in configs:
+        cu_t = None if cu is None else torch.tensor(cu)
+        N = B if cu is None else len(cu) - 1
+        q = torch.randn(B, T, H, K).to(dtype)
+        k = (torch.randn(B, T, H, K) / K**0.5).to(dtype)
+        v = torch.randn(B, T, H, V).to(dtype)
+        slope = torch.logspace(-3, 0, H)
+        s0 = torch.randn(N, H, K, V)
+        shape = f"T={T} H={H} K=V={K} " + (f"B={B}" if cu is None else f"N={N}")
+
+        def kernel(q=q, k=k, v=v, slope=slope, s0=s0, cu=cu_t):
+            o, final = m1ops.lightning_attn(q, k, v, slope, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+            return {"o": o, "final": final}
+
+        def reference(q=q, k=k, v=v, slope=slope, s0=s0, cu=cu_t):
+            o, final = lightning_attn_ref(q, k, v, slope, initial_state=s0, cu_seqlens=cu)
+            return {"o": o, "final": final}
+
+        cases.append(Case("lightning_attn", shape, dtype, kernel, reference, tol))
+        if dtype != torch.float32:
+            continue
+        do, dfinal = torch.randn(B, T, H, V), torch.randn(N, H, K, V)
+
+        def grads(fn, dtype, q=q, k=k, v=v, slope=slope, s0=s0, cu=cu_t, do=do, dfinal=dfinal):
+            leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v, s0)]
+            o, final = fn(*leaves[:3], slope, initial_state=leaves[3], cu_seqlens=cu)
+            dq, dk, dv, ds0 = torch.autograd.grad([o, final], leaves, [do.to(dtype), dfinal.to(dtype)])
+            return {"dq": dq, "dk": dk, "dv": dv, "d_state": ds0}
+
+        def m1_fn(q, k, v, slope, **kw):
+            return m1ops.lightning_attn(q, k, v, slope, output_final_state=True, **kw)
+
+        cases.append(Case("lightning_attn fwd+bwd", shape, dtype, lambda g=grads, f=m1_fn: g(f, torch.float32),
+                          lambda g=grads: g(lightning_attn_ref, torch.float64), tol))
+    return cases
+
+
+ALL_CASES: list[Callable[[], list[Case]]] = [lightning_decode_cases, lightning_cases]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,6 +147,7 @@ PrefillArgs make_prefill_args(const char* op, const at::Tensor& q, const at::Ten
     args.grad_final_state = checked_state(op, "grad_final_state", *grad_final_state, q, {N, H, K, V}, args.state_dtype);
   }
 
+  TORCH_CHECK_VALUE(K <= 256 && V <= 256, op, ": head dims K, V must be <= 256, got K = ", K, ", V = ", V);
   if (q.is_cpu()) {
     const int64_t bs = block_size.value_or(kCpuDefaultBlock);
     TORCH_CHECK_VALUE(bs >= 1 && bs <= kCpuMaxBlock, op, ": 'block_size' must be in [1, ", kCpuMaxBlock,
@@ -164,7 +165,6 @@ PrefillArgs make_prefill_args(const char* op, const at::Tensor& q, const at::Ten
     TORCH_CHECK(false, op, ": no kernel for device ", q.device());
 #endif
   }
-  TORCH_CHECK_VALUE(K <= 256 && V <= 256, op, ": head dims K, V must be <= 256, got K = ", K, ", V = ", V);
 
   PrefillParams& p = args.params;
   p.batch = B, p.seqlen = T, p.heads = H, p.dk = K, p.dv = V, p.num_seqs = N;

@@ -69,18 +69,16 @@ void prefill_fwd_cpu(const PrefillParams& p);
 void prefill_bwd_cpu(const PrefillParams& p);
 
 #if defined(M1_WITH_CUDA) || defined(__CUDACC__)
-constexpr int64_t kCudaBlock = 64;  // the CUDA kernels' block (their MMA tile along T)
+constexpr int64_t kCudaBlock = 64;  // the CUDA kernels' block: their MMA tile along T
 
 // Head dims the CUDA kernels are compiled for (K == V).
 M1_HOST_DEVICE M1_INLINE bool cuda_prefill_supports(int64_t dk, int64_t dv) {
   return dk == dv && (dk == 64 || dk == 128);
 }
 
-// Throw std::runtime_error on a launch failure. `workspace` is scratch
-// memory of prefill_bwd_cuda_workspace_bytes(p) bytes (16-byte aligned).
+// Throw std::runtime_error on a launch failure; states are float32.
 void prefill_fwd_cuda(const PrefillParams& p, cudaStream_t stream);
-void prefill_bwd_cuda(const PrefillParams& p, void* workspace, cudaStream_t stream);
-int64_t prefill_bwd_cuda_workspace_bytes(const PrefillParams& p);
+void prefill_bwd_cuda(const PrefillParams& p, cudaStream_t stream);
 #endif
 
 }  // namespace m1::lightning
