@@ -79,10 +79,10 @@ void dkdv_pass(const PrefillParams& p, int64_t seq_index, int64_t h, Scratch<acc
       cpu_detail::scaled_copy_rows<Acc>(kt, n, K, key_decay, kd);
       gemm(false, true, n, K, V, Acc(1), vd, V, r, V, Acc(1), dko, ldk);   // + Vd R^T
       gemm(false, false, n, V, K, Acc(1), kd, K, r, V, Acc(1), dvo, ldv);  // + Kd R
-      cpu_detail::scale_all<Acc>(r, K * V, dec.d[size_t(block_decay_exponent(n))]);
     }
     cpu_detail::scaled_copy_rows<Acc>(qt, n, K, dec.qd.data(), qd);
-    gemm(true, false, K, V, n, Acc(1), qd, K, dot.p, dot.ld, Acc(zero_r ? 0 : 1), r, V);  // R += Qd^T dO
+    const Acc block_decay = zero_r ? Acc(0) : dec.d[size_t(block_decay_exponent(n))];
+    gemm(true, false, K, V, n, Acc(1), qd, K, dot.p, dot.ld, block_decay, r, V);  // R = lambda^n R + Qd^T dO
     zero_r = false;
     if constexpr (!std::is_same_v<T, Acc>) {
       cpu_detail::store_rows<T, Acc>(dko, ldk, n, K, dk_dst, dk_st.token);

@@ -147,11 +147,6 @@ M1_CPU_MULTIVERSION void scaled_copy_rows(Tile<Acc> src, int64_t rows, int64_t c
     for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = f[r] * src.p[r * src.ld + c];
 }
 
-template <typename Acc>
-M1_CPU_MULTIVERSION void scale_all(Acc* __restrict a, int64_t count, Acc f) {
-  for (int64_t e = 0; e < count; ++e) a[e] *= f;
-}
-
 // Per-call decay tables of one head, all from fill_decay_table (one exp each):
 //   d[m]  = lambda^m                           m = 0..bs
 //   rsd[x] = scale * lambda^(bs-1-x)           the intra-block mask, reversed
@@ -237,8 +232,8 @@ struct CausalPass {
       if constexpr (!std::is_same_v<T, Acc>) store_rows<T, Acc>(o, ldo, n, C, dst, out_st.token);
 
       scaled_copy_rows<Acc>(yt, n, D, dec.key_decay(n), yd);
-      if (!zero_state) scale_all<Acc>(s, D * C, dec.d[size_t(block_decay_exponent(n))]);
-      gemm(true, false, D, C, n, Acc(1), yd, D, zt.p, zt.ld, Acc(zero_state ? 0 : 1), s, C);  // + Yd^T Z
+      const Acc block_decay = zero_state ? Acc(0) : dec.d[size_t(block_decay_exponent(n))];
+      gemm(true, false, D, C, n, Acc(1), yd, D, zt.p, zt.ld, block_decay, s, C);  // S = lambda^n S + Yd^T Z
       zero_state = false;
     }
     if (state_out != nullptr) {
