@@ -30,9 +30,10 @@ Decode: one step at B = 1, H = 64, K = V = 128 against the PyTorch recurrence
 (bench_lightning_decode.py's transformers formula and in-place formulation).
 
 --long runs a forward at T = 1,048,576 (H = 2) in a child process and reports
-its peak RSS against the bytes of q, k, v and o. --memory runs m1 forward+
-backward at several T in child processes and reports peak RSS per token (flat
-= memory linear in T).
+how much its peak RSS grew over the process's RSS after `import m1ops`,
+against the bytes of q, k, v and o. --memory does the same for m1
+forward+backward at several T (tensors: q, k, v, o, grad_o, dq, dk, dv): a
+growth that follows the tensors is memory linear in T.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def child_run(T, H, D, backward):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536])
+    parser.add_argument("--T", type=int, nargs="*", default=[1024, 4096, 16384, 32768, 65536],
+                        help="sequence lengths of the prefill table (none: skip it)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128, help="K = V")
@@ -278,12 +280,11 @@ def main() -> None:
     long = [child_run(1 << 20, 2, 128, False)] if args.long else []
     mem = [child_run(T, 8, 128, True) for T in (4096, 16384, 65536)] if args.memory else []
     for r in long + mem:
-        r["peak_over_tensors"] = (r["peak_rss_gb"] - r["rss_before_gb"]) / r["tensors_gb"]
+        r["growth_gb"] = r["peak_rss_gb"] - r["rss_before_gb"]
     if long or mem:
         print("peak RSS (child processes):")
         print_table(long + mem, [("T", "T", "d"), ("H", "H", "d"), ("backward", "f+b", ""), ("seconds", "s", ".2f"),
-                                 ("tensors_gb", "tensors GiB", ".2f"),
-                                 ("peak_rss_gb", "peak RSS GiB", ".2f"), ("peak_over_tensors", "growth/tensors", ".2f"),
+                                 ("tensors_gb", "tensors GiB", ".2f"), ("growth_gb", "peak RSS growth GiB", ".2f"),
                                  ("finite", "finite", "")])
     write_json(args.name, {"mm_gflops": [mm_before, mm_after], "flop_model_block": MINIMAX_BLOCK,
                            "m1_default_block": m1ops.lightning.DEFAULT_BLOCK_SIZE["cpu"], "args": vars(args),

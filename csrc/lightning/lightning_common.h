@@ -112,7 +112,8 @@ M1_HOST_DEVICE M1_INLINE int64_t block_decay_exponent(int64_t n) { return n; }
 
 // table[m] = lambda^m for m = 0..count-1. Every exponent above is in [0, block],
 // so a table of block + 1 entries serves a whole call, and each entry is the
-// same single exp as decay_pow (bit-identical across devices and block sizes).
+// same single exp as decay_pow: one rounding, whatever the block size (the
+// device's exp may differ from the host's in the last bit).
 template <typename Acc>
 M1_HOST_DEVICE M1_INLINE void fill_decay_table(Acc slope, int64_t count, Acc* table) {
   for (int64_t m = 0; m < count; ++m) table[m] = decay_pow<Acc>(slope, m);
