@@ -296,11 +296,13 @@ def test_chunked_prefill_carries_state_and_gradients(device):
 
     o1, mid = m1ops.lightning_attn(q[:, :T1], k[:, :T1], v[:, :T1], slope, initial_state=s0, output_final_state=True)
     o2, final2 = m1ops.lightning_attn(q[:, T1:], k[:, T1:], v[:, T1:], slope, initial_state=mid, output_final_state=True)
-    assert_rel_close(torch.cat([o1, o2], dim=1), o, 1e-5, "o")
-    assert_rel_close(final2, final, 1e-5, "final_state")
+    # Other block boundaries: fp32 rounding apart (TF32 rounding on CUDA).
+    tol = 2 * ACCUM_TOL if device == "cpu" else 2 * TF32_TOL
+    assert_rel_close(torch.cat([o1, o2], dim=1), o, tol, "o")
+    assert_rel_close(final2, final, tol, "final_state")
     chunked = torch.autograd.grad([o1, o2, final2], [q, k, v, s0], [do[:, :T1], do[:, T1:], dfinal])
     for name, g, ref in zip(("dq", "dk", "dv", "d initial_state"), chunked, whole):
-        assert_rel_close(g, ref, 1e-5, name)
+        assert_rel_close(g, ref, tol, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -376,7 +378,9 @@ def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     compiled_layer = torch.compile(layer, fullgraph=True)
     (compiled,) = torch.autograd.grad(compiled_layer(x, s0), x)
-    assert_rel_close(compiled, eager, 1e-5, "d x")  # inductor fuses silu/square: fp32 rounding apart
+    # Inductor fuses silu and square: fp32 rounding apart, which TF32 inputs on CUDA can turn into
+    # one TF32 rounding here and there.
+    assert_rel_close(compiled, eager, 1e-5 if device == "cpu" else TF32_TOL, "d x")
 
 
 def _bad_cases():
