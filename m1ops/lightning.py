@@ -144,8 +144,8 @@ def _fwd_setup_context(ctx, inputs, keyword_only_inputs, output):
 
 def _fwd_backward(ctx, grad_o, grad_final_state):
     q, k, v, slope, initial_state, cu_seqlens = ctx.saved_tensors
-    if grad_o.stride(-1) != 1:  # the kernel reads rows with a contiguous last dim
-        grad_o = grad_o.contiguous()
+    if grad_o.stride(-1) != 1:  # the kernel reads rows with a contiguous last dim (autograd may expand zeros)
+        grad_o = grad_o.clone(memory_format=torch.contiguous_format)
     dq, dk, dv, d_initial = torch.ops.m1._lightning_attn_bwd(
         grad_o, grad_final_state, q, k, v, slope, initial_state, cu_seqlens, scale=ctx.scale, block_size=ctx.block_size
     )

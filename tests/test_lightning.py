@@ -57,7 +57,7 @@ def make_inputs(B, T, H, K, V, dtype, device, *, N=None, requires_grad=False):
     q = torch.randn(B, T, H, K, device=device).to(dtype)
     k = (torch.randn(B, T, H, K, device=device) / K**0.5).to(dtype)
     v = torch.randn(B, T, H, V, device=device).to(dtype)
-    slope = torch.logspace(-3, 0, H, device=device) if H > 1 else torch.tensor([0.1], device=device)
+    slope = torch.logspace(-3, 0, H, device=device) if H > 1 else torch.full((H,), 0.1, device=device)
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     s0 = torch.randn(B if N is None else N, H, K, V, device=device, dtype=state_dtype)
     if requires_grad:
@@ -231,6 +231,28 @@ def test_varlen_matches_separate_sequences(cu_dtype, dtype, device):
         assert_rel_close(final[n : n + 1], final_n, 1e-6, f"segment {n} final_state")
         if start == end:
             torch.testing.assert_close(final[n], s0[n], rtol=0, atol=0)  # an empty segment passes its state through
+
+
+@pytest.mark.parametrize("shape", [(2, 10, 2, 0, 4), (2, 10, 2, 4, 0), (0, 10, 2, 4, 4), (2, 10, 0, 4, 4), (2, 0, 2, 4, 4)],
+                         ids=["K=0", "V=0", "B=0", "H=0", "T=0"])
+def test_degenerate_shapes(shape):
+    """Empty dimensions: every output and gradient is written (NaN-poisoned otherwise) and right."""
+    q, k, v, slope, s0 = make_inputs(*shape, torch.float32, "cpu", requires_grad=True)
+    o, final = m1ops.lightning_attn(q, k, v, slope, initial_state=s0, output_final_state=True)
+    ref_o, ref_final = lightning_attn_ref(q.detach(), k.detach(), v.detach(), slope, initial_state=s0.detach())
+    assert_rel_close(o, ref_o, ACCUM_TOL, "o")
+    assert_rel_close(final, ref_final, ACCUM_TOL, "final_state")
+    do, dfinal = make_grads(o, final, "cpu")
+    dq, dk, dv, ds0 = torch.autograd.grad([o, final], [q, k, v, s0], [do, dfinal])
+    # The only non-zero gradient of an empty problem: with no tokens, final_state = initial_state.
+    expected_ds0 = dfinal if shape[1] == 0 else None
+    if expected_ds0 is not None:
+        torch.testing.assert_close(ds0, expected_ds0, rtol=0, atol=0)
+    if shape[3] == 0 or shape[4] == 0:  # K or V empty: o = 0 and every gradient of q, k, v vanishes
+        for g in (dq, dk, dv):
+            torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=0)
+    for g, x in zip((dq, dk, dv, ds0), (q, k, v, s0)):
+        assert g.shape == x.shape and torch.isfinite(g).all()
 
 
 def test_varlen_no_segments():
