@@ -61,15 +61,23 @@ STAT = {"median": statistics.median, "min": min}
 stat = statistics.median  # set from --stat
 
 
-def time_ms(fn, *, repeat: int = 5, warmup: int = 1, min_time_s: float = 0.0) -> float:
+def time_ms(fn, *, repeat: int = 5, warmup: int = 1, min_time_s: float = 0.0, slow_s: float = 3.0) -> float:
     """Wall time of fn() in ms over `repeat` runs (at least min_time_s), reduced with --stat.
 
     On a shared machine other processes steal whole scheduler slices from the
-    2-thread runs; --stat min (best of N) is then the steadier figure.
+    2-thread runs; --stat min (best of N) is then the steadier figure. A
+    warm-up call slower than slow_s (quadratic SDPA, the PyTorch loop at 64K)
+    counts as a sample, and one more call is timed.
     """
-    for _ in range(warmup):
-        fn()
     times: list[float] = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        if first > slow_s:
+            times.append(first * 1e3)
+            repeat = 2
+            break
     start = time.perf_counter()
     while len(times) < repeat or time.perf_counter() - start < min_time_s:
         t0 = time.perf_counter()
@@ -224,9 +232,16 @@ def decode_rows(args):
 
 
 CHILD = """
-import resource, sys, time, torch, m1ops
+import sys, time, torch, m1ops
+
+
+def peak_rss():  # VmHWM: this process's peak RSS (ru_maxrss would carry over the parent's from fork)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 T, H, D, backward = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_rss()
 q, k, v = (torch.randn(1, T, H, D) for _ in range(3))
 k /= D ** 0.5
 slope = torch.logspace(-3, 0, H)
@@ -241,8 +256,7 @@ if backward:
     o.backward(torch.ones_like(o))
     tensors += 4  # grad_o (ones), dq, dk, dv
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(seconds, base * 1024, peak * 1024, tensors * T * H * D * 4, bool(torch.isfinite(o).all()))
+print(seconds, base, peak_rss(), tensors * T * H * D * 4, bool(torch.isfinite(o).all()))
 """
 
 
@@ -252,6 +266,35 @@ def child_run(T, H, D, backward):
     seconds, base, peak, tensor_bytes, finite = out.stdout.split()
     return dict(T=T, H=H, K=D, V=D, backward=backward, seconds=float(seconds), peak_rss_gb=int(peak) / 2**30,
                 rss_before_gb=int(base) / 2**30, tensors_gb=int(tensor_bytes) / 2**30, finite=finite == "True")
+
+
+def markdown(rows, lin, dec, long, mem, mm) -> str:
+    """The README tables of one run."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    ms = lambda x: "-" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.1f}"  # noqa: E731
+    ratio = lambda x: "-" if x is None else f"{x:.1f}x"  # noqa: E731
+    out = [f"torch.mm fp32 (2048^3) in the same run: {mm[0]:.0f} GFLOP/s before, {mm[1]:.0f} after.", "",
+           "| dtype | T | m1 fwd ms | fwd / mm | m1 fwd+bwd ms | f+b / mm | b256 fwd / mm | b256 f+b / mm "
+           "| x PyTorch fwd | x PyTorch f+b | x SDPA fwd | x SDPA f+b |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['dtype']} | {r['T']} | {ms(r['m1_fwd_ms'])} | {pct(r.get('m1_fwd_frac'))} "
+                   f"| {ms(r.get('m1_fwdbwd_ms'))} | {pct(r.get('m1_fwdbwd_frac'))} | {pct(r.get('m1_b256_fwd_frac'))} "
+                   f"| {pct(r.get('m1_b256_fwdbwd_frac'))} | {ratio(r.get('x_pt_fwd'))} | {ratio(r.get('x_pt_fwdbwd'))} "
+                   f"| {ratio(r.get('x_sdpa_fwd'))} | {ratio(r.get('x_sdpa_fwdbwd'))} |")
+    if lin:
+        out += ["", "time(4T) / (4 time(T)): " + ", ".join(
+            f"{x['dtype']} {x['T']}->{x['T4']}: fwd {x['fwd']:.2f}" + (f", f+b {x['fwdbwd']:.2f}" if "fwdbwd" in x else "")
+            for x in lin)]
+    if dec:
+        out += ["", "| decode dtype | m1 us | transformers' formula us | in-place PyTorch us |", "|---|---|---|---|"]
+        out += [f"| {d['dtype']} | {d['m1_us']:.0f} | {d['transformers_us']:.0f} ({d['x_transformers']:.1f}x) "
+                f"| {d['inplace_us']:.0f} ({d['x_inplace']:.1f}x) |" for d in dec]
+    if long or mem:
+        out += ["", "| T | H | backward | seconds | tensors GiB | peak RSS growth GiB |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['T']} | {r['H']} | {r['backward']} | {r['seconds']:.1f} | {r['tensors_gb']:.2f} "
+                f"| {r['growth_gb']:.2f} |" for r in long + mem]
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -274,6 +317,7 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="forward at T = 1,048,576, H = 2, in a child process")
     parser.add_argument("--memory", action="store_true", help="peak RSS of forward+backward at several T")
     parser.add_argument("--name", default="lightning", help="JSON file name under bench/results/")
+    parser.add_argument("--markdown", action="store_true", help="also print the README tables")
     args = parser.parse_args()
     args.pytorch_max_T = {"fp32": args.pytorch_max_T_fp32, "bf16": args.pytorch_max_T_bf16}
     global stat
@@ -316,6 +360,8 @@ def main() -> None:
         print_table(long + mem, [("T", "T", "d"), ("H", "H", "d"), ("backward", "f+b", ""), ("seconds", "s", ".2f"),
                                  ("tensors_gb", "tensors GiB", ".2f"), ("growth_gb", "peak RSS growth GiB", ".2f"),
                                  ("finite", "finite", "")])
+    if args.markdown:
+        print(markdown(rows, lin, dec, long, mem, (mm_before, mm_after)))
     write_json(args.name, {"mm_gflops": [mm_before, mm_after], "flop_model_block": MINIMAX_BLOCK,
                            "m1_default_block": m1ops.lightning.DEFAULT_BLOCK_SIZE["cpu"], "args": vars(args),
                            "prefill": rows, "linearity": lin, "decode": dec, "long": long, "memory": mem})
