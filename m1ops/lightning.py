@@ -101,7 +101,9 @@ def lightning_attn(
                      unless output_final_state. Feeds m1ops.lightning_attn_decode.
     """
     if slope.requires_grad and torch.is_grad_enabled():
-        raise ValueError("m1ops.lightning_attn: no gradient with respect to 'slope' is implemented; pass slope.detach()")
+        raise ValueError(
+            "m1ops.lightning_attn: no gradient with respect to 'slope' is implemented; pass slope.detach()"
+        )
     o, final_state = torch.ops.m1._lightning_attn_fwd(
         q, k, v, slope, initial_state, cu_seqlens, scale=scale, block_size=block_size
     )

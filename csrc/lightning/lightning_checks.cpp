@@ -79,7 +79,8 @@ at::Tensor checked_cu_seqlens(const char* op, const at::Tensor& cu, int64_t B, i
                    ": 'cu_seqlens' must be int32 or int64, got ", cu.scalar_type());
   check_dim(op, "cu_seqlens", cu, 1, "[N + 1]");
   TORCH_CHECK_VALUE(cu.size(0) >= 1, op, ": 'cu_seqlens' must hold N + 1 >= 1 offsets, got an empty tensor");
-  TORCH_CHECK_VALUE(B == 1, op, ": with 'cu_seqlens' the sequences are packed along T and q must have batch size 1, got B = ", B);
+  TORCH_CHECK_VALUE(B == 1, op, ": with 'cu_seqlens' the sequences are packed along T and q must have batch size 1, ",
+                    "got B = ", B);
   const at::Tensor host = cu.to(at::kCPU, at::kLong).contiguous();
   const int64_t* c = host.data_ptr<int64_t>();
   const int64_t N = host.size(0) - 1;

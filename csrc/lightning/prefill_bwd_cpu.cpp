@@ -38,7 +38,8 @@ void dkdv_pass(const PrefillParams& p, int64_t seq_index, int64_t h, Scratch<acc
   const SeqSpan seq = sequence_span(p.cu_seqlens, seq_index, p.seqlen);
   const int64_t bs = cpu_detail::effective_block(p.block_size, seq.len), K = p.dk, V = p.dv, H = p.heads;
   const TokenInput<T> q{static_cast<const T*>(p.q), p.q_strides}, k{static_cast<const T*>(p.k), p.k_strides};
-  const TokenInput<T> v{static_cast<const T*>(p.v), p.v_strides}, dout{static_cast<const T*>(p.grad_o), p.grad_o_strides};
+  const TokenInput<T> v{static_cast<const T*>(p.v), p.v_strides};
+  const TokenInput<T> dout{static_cast<const T*>(p.grad_o), p.grad_o_strides};
   const TokenStrides dk_st{p.seqlen * H * K, H * K, K}, dv_st{p.seqlen * H * V, H * V, V};
 
   // Scratch: q, k, kd, qd [bs, K]; v, do, vd [bs, V]; dk [bs, K], dv [bs, V]; p, dp [bs, bs]; r [K, V].

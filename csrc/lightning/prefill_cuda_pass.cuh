@@ -103,7 +103,8 @@ template <> struct Mma<float> {  // TF32: 10-bit mantissa, rounded to nearest on
 
 // 4 warps stacked along M: a 64 x 8 x k tile, repeated over N (and over M for 128-row products).
 template <typename T>
-using TiledMma = decltype(cute::make_tiled_mma(typename Mma<T>::Atom{}, cute::Layout<cute::Shape<cute::_4, cute::_1, cute::_1>>{}));
+using TiledMma =
+    decltype(cute::make_tiled_mma(typename Mma<T>::Atom{}, cute::Layout<cute::Shape<cute::_4, cute::_1, cute::_1>>{}));
 
 template <typename T, int D>
 constexpr int smem_bytes() {

@@ -109,8 +109,10 @@ Result reference(const Problem& pb) {
       std::vector<double> S(pb.s0.begin() + so, pb.s0.begin() + so + K * V);
       for (int64_t t = pb.cu[size_t(n)]; t < pb.cu[size_t(n) + 1]; ++t) {
         for (int64_t a = 0; a < K; ++a)
-          for (int64_t b = 0; b < V; ++b)
-            S[size_t(a * V + b)] = lam * S[size_t(a * V + b)] + pb.k[size_t((t * H + h) * K + a)] * pb.v[size_t((t * H + h) * V + b)];
+          for (int64_t b = 0; b < V; ++b) {
+            const double kv = pb.k[size_t((t * H + h) * K + a)] * pb.v[size_t((t * H + h) * V + b)];
+            S[size_t(a * V + b)] = lam * S[size_t(a * V + b)] + kv;
+          }
         for (int64_t b = 0; b < V; ++b) {
           double acc = 0;
           for (int64_t a = 0; a < K; ++a) acc += pb.q[size_t((t * H + h) * K + a)] * S[size_t(a * V + b)];
