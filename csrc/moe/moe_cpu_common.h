@@ -1,0 +1,214 @@
+// Pieces the CPU forward and backward kernels of fused MoE share: the
+// permutation on the thread pool, row gathers into fp32 (or fp64) buffers,
+// weight blocks as Acc, the GEMM on tiles, and a dynamic task runner.
+//
+// Acc is float for float32/bfloat16/float16 storage and double for float64
+// (the gradcheck path). 16-bit weights are converted block by block inside the
+// task that multiplies them, so no fp32 copy of a whole expert is ever made and
+// each weight element is converted once per call.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu_runtime.h"
+#include "common/dtype.h"
+#include "moe/moe.h"
+#include "moe/moe_permute.h"
+
+namespace m1::moe::cpu_detail {
+
+// Uninitialised buffer (every element is written before it is read; zeroing
+// hundreds of MB at T = 16K would cost as much as a small GEMM).
+template <typename Acc>
+struct Buffer {
+  std::unique_ptr<Acc[]> data;
+  explicit Buffer(int64_t n) : data(n > 0 ? new Acc[size_t(n)] : nullptr) {}
+  Acc* get() const { return data.get(); }
+};
+
+// Expert-sorted order of the T * k slots (moe_permute.h), on the host.
+struct Permutation {
+  std::vector<int32_t> sorted_slots;    // [T * k]
+  std::vector<int32_t> slot_pos;        // [T * k]
+  std::vector<int32_t> expert_offsets;  // [E + 1]
+
+  int64_t rows(int64_t e) const { return expert_offsets[e + 1] - expert_offsets[e]; }
+};
+
+template <typename Id>
+Permutation permute_typed(const Id* ids, int64_t slots, int64_t experts) {
+  const int64_t chunks = permute_chunks(slots);
+  std::vector<int32_t> table(size_t(experts * chunks));
+  std::atomic<int64_t> invalid{0};
+  cpu::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
+    int64_t bad = 0;
+    for (int64_t c = begin; c < end; ++c) bad += histogram_chunk(ids, slots, experts, chunks, c, table.data());
+    invalid += bad;
+  });
+  if (invalid.load() != 0) throw std::invalid_argument("m1.fused_moe: 'topk_ids' has values outside [0, E)");
+  Permutation perm;
+  perm.sorted_slots.resize(size_t(slots));
+  perm.slot_pos.resize(size_t(slots));
+  perm.expert_offsets.resize(size_t(experts + 1));
+  const int64_t total = exclusive_scan(table.data(), experts * chunks);
+  expert_offsets_from_cursor(table.data(), experts, chunks, total, perm.expert_offsets.data());
+  cpu::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      scatter_chunk(ids, slots, experts, chunks, c, table.data(), perm.sorted_slots.data(), perm.slot_pos.data());
+  });
+  return perm;
+}
+
+inline Permutation permute(const MoeInputs& in) {
+  const int64_t slots = in.shape.slots(), experts = in.shape.experts;
+  return in.ids_int64 ? permute_typed(static_cast<const int64_t*>(in.topk_ids), slots, experts)
+                      : permute_typed(static_cast<const int32_t*>(in.topk_ids), slots, experts);
+}
+
+// dst[p, :] = Acc(src[token of sorted slot p, :]) for every position p: the
+// rows of a [T, D] tensor (row stride `ld`) in expert-sorted order.
+template <typename T, typename Acc>
+M1_CPU_MULTIVERSION void gather_rows_block(const T* __restrict src, int64_t ld, int64_t dim,
+                                           const int32_t* sorted_slots, int64_t topk, int64_t begin, int64_t end,
+                                           Acc* __restrict dst) {
+  for (int64_t p = begin; p < end; ++p) {
+    const T* __restrict row = src + slot_token(sorted_slots[p], topk) * ld;
+    Acc* __restrict out = dst + p * dim;
+    for (int64_t d = 0; d < dim; ++d) out[d] = load_as<Acc>(row[d]);
+  }
+}
+
+template <typename T, typename Acc>
+void gather_rows(const T* src, int64_t ld, int64_t dim, const Permutation& perm, int64_t topk, Acc* dst) {
+  const int64_t slots = int64_t(perm.sorted_slots.size());
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, dim));
+  cpu::parallel_for(0, slots, grain, [&](int64_t begin, int64_t end) {
+    gather_rows_block(src, ld, dim, perm.sorted_slots.data(), topk, begin, end, dst);
+  });
+}
+
+// Routing weight of every sorted position, as Acc.
+template <typename Acc>
+std::vector<Acc> gather_weights(const MoeInputs& in, const Permutation& perm) {
+  std::vector<Acc> w(perm.sorted_slots.size());
+  for (size_t p = 0; p < w.size(); ++p) {
+    const int64_t s = perm.sorted_slots[p];
+    w[p] = in.weight_dtype == DType::kFloat64 ? Acc(static_cast<const double*>(in.topk_weights)[s])
+                                              : Acc(static_cast<const float*>(in.topk_weights)[s]);
+  }
+  return w;
+}
+
+// A [rows, cols] block of a row-major matrix (row stride ld) as Acc: the
+// matrix itself when its storage already is Acc, else a converted copy in
+// `scratch` (at least rows * cols elements). Returns the block and its stride.
+template <typename T, typename Acc>
+M1_CPU_MULTIVERSION void convert_block(const T* __restrict src, int64_t ld, int64_t rows, int64_t cols,
+                                       Acc* __restrict dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict in = src + i * ld;
+    Acc* __restrict out = dst + i * cols;
+    for (int64_t j = 0; j < cols; ++j) out[j] = load_as<Acc>(in[j]);
+  }
+}
+
+template <typename T, typename Acc>
+std::pair<const Acc*, int64_t> block_as(const T* src, int64_t ld, int64_t rows, int64_t cols, Acc* scratch) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    (void)rows, (void)cols, (void)scratch;
+    return {src, ld};
+  } else {
+    convert_block(src, ld, rows, cols, scratch);
+    return {scratch, cols};
+  }
+}
+
+// Writes an Acc block into storage of type T (row strides ld_src, ld_dst).
+template <typename T, typename Acc>
+M1_CPU_MULTIVERSION void store_block(const Acc* __restrict src, int64_t ld_src, int64_t rows, int64_t cols,
+                                     T* __restrict dst, int64_t ld_dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[i * ld_dst + j] = store_from<T>(src[i * ld_src + j]);
+}
+
+// Plain loops for float64 (gradcheck-sized problems only): C = op(A) op(B) + beta C.
+inline void dgemm_loop(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+                       const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (int64_t p = 0; p < k; ++p) acc += (ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
+      c[i * ldc + j] = acc + (beta == 0.0 ? 0.0 : beta * c[i * ldc + j]);
+    }
+}
+
+// Row-major C[m, n] = op(A) op(B) + beta C on one thread (see cpu::sgemm).
+// k = 0 is a valid empty sum: C = beta C.
+template <typename Acc>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb,
+          Acc beta, Acc* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == Acc(0) ? Acc(0) : beta * c[i * ldc + j];
+    return;
+  }
+  if constexpr (std::is_same_v<Acc, float>) {
+    cpu::sgemm(ta, tb, m, n, k, 1.f, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    dgemm_loop(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+// Runs fn(i, scratch) for every task i in [0, n) on the thread pool. Tasks
+// are handed out one at a time from a shared counter, so uneven tasks (experts
+// with more tokens) balance; each worker makes its scratch once.
+template <typename MakeScratch, typename Fn>
+void run_tasks(int64_t n, const MakeScratch& make_scratch, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  cpu::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      fn(i, scratch);
+  });
+}
+
+// A unit of work: expert e, columns [begin, begin + size) of some dimension.
+struct Task {
+  int32_t expert;
+  int32_t chunk;
+};
+
+// Tasks (expert, chunk) covering `extent` columns in chunks of `chunk` for
+// every expert with tokens (or every expert when `all_experts`), the experts
+// with the most tokens first so that the last tasks handed out are small.
+inline std::vector<Task> make_tasks(const Permutation& perm, int64_t experts, int64_t extent, int64_t chunk,
+                                    bool all_experts) {
+  std::vector<int32_t> order;
+  for (int64_t e = 0; e < experts; ++e)
+    if (all_experts || perm.rows(e) > 0) order.push_back(int32_t(e));
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return perm.rows(a) > perm.rows(b); });
+  const int64_t chunks = (extent + chunk - 1) / chunk;
+  std::vector<Task> tasks;
+  tasks.reserve(order.size() * size_t(chunks));
+  for (int32_t e : order)
+    for (int64_t c = 0; c < chunks; ++c) tasks.push_back({e, int32_t(c)});
+  return tasks;
+}
+
+// silu(g) = g * sigmoid(g); its derivative is s (1 + g (1 - s)), s = sigmoid(g).
+template <typename Acc>
+M1_INLINE Acc sigmoid(Acc g) {
+  return Acc(1) / (Acc(1) + std::exp(-g));
+}
+
+}  // namespace m1::moe::cpu_detail

@@ -1,0 +1,129 @@
+// Fused MoE forward on the CPU.
+//
+// Shapes: T tokens, D model dim, F expert FFN dim, E experts, k choices;
+// P = T * k slots, in expert-sorted order after the permutation (moe_permute.h).
+//
+//   1. permute: histogram / scan / stable scatter of the slot indices;
+//   2. gather:  xs[p] = x[token of slot p] as Acc                        [P, D]
+//   3. gate_up: tasks (expert e, FFN columns c .. c + kFfnChunk):
+//                 G = xs_e Wg[e, c:]^T, U = xs_e Wu[e, c:]^T   on row blocks of kRowBlock,
+//                 then, on the tile still in cache: act[p, c:] = w_p silu(G) U  [P, F]
+//                 (and, when kept for the backward, gate_up[p] = (G, U));
+//   4. down:    tasks (expert e, model columns d .. d + kDimChunk):
+//                 ys[p, d:] = act_e Wd[e, d:, :]^T                           [P, D]
+//   5. combine: y[t] = sum_j ys[slot_pos[t k + j]], j = 0 .. k-1 in order.
+//
+// The routing weight is folded into act (w W_down a = W_down (w a)), so the
+// combine is a plain sum over k in fp32. Every GEMM is m1::cpu::sgemm on one
+// thread over contiguous Acc slabs; parallelism is over (expert, column chunk)
+// tasks handed out dynamically, which also splits a single busy expert.
+// bf16/fp16 weight blocks are converted to fp32 inside their task (once per
+// call: one task covers all rows of its expert).
+#include <algorithm>
+
+#include "common/dispatch.h"
+#include "moe/moe_cpu_common.h"
+
+namespace m1::moe {
+namespace {
+
+using namespace cpu_detail;
+
+constexpr int64_t kFfnChunk = 128;  // gate/up columns per task: 2 x 128 x D fp32 weights
+constexpr int64_t kDimChunk = 128;  // down-projection output columns per task
+constexpr int64_t kRowBlock = 256;  // rows per sgemm inside a task: the G/U tile stays in L2
+
+// act[i, j] = w_i * silu(g[i, j]) * u[i, j] for a [rows, n] tile whose gate and
+// up halves sit side by side in `gu` (row stride ld_gu); act has row stride ld_act.
+template <typename Acc>
+M1_CPU_MULTIVERSION void silu_mul_rows(const Acc* __restrict gu, int64_t ld_gu, int64_t rows, int64_t n,
+                                       const Acc* __restrict w, Acc* __restrict act, int64_t ld_act) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const Acc* __restrict g = gu + i * ld_gu;
+    const Acc* __restrict u = g + n;
+    Acc* __restrict out = act + i * ld_act;
+    const Acc wi = w[i];
+    for (int64_t j = 0; j < n; ++j) out[j] = wi * (g[j] * sigmoid(g[j])) * u[j];
+  }
+}
+
+template <typename T>
+void forward_typed(const ForwardParams& p) {
+  using Acc = acc_t<T>;
+  const MoeInputs& in = p.in;
+  const int64_t D = in.shape.dim, F = in.shape.ffn, E = in.shape.experts, k = in.shape.topk;
+  const int64_t P = in.shape.slots();
+  const T* w_gate_up = static_cast<const T*>(in.w_gate_up);
+  const T* w_down = static_cast<const T*>(in.w_down);
+  T* gate_up_out = static_cast<T*>(p.gate_up);
+
+  const Permutation perm = permute(in);
+  const std::vector<Acc> w = gather_weights<Acc>(in, perm);
+  Buffer<Acc> xs(P * D), act(P * F), ys(P * D);
+  gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs.get());
+
+  // 3. gate_up GEMM with SiLU * up and the routing weight on the tile.
+  const std::vector<Task> gu_tasks = make_tasks(perm, E, F, kFfnChunk, false);
+  run_tasks(
+      int64_t(gu_tasks.size()),
+      [&] {
+        // converted weight block [2 * kFfnChunk, D] (16-bit weights) + G|U tile [kRowBlock, 2 * kFfnChunk]
+        return Buffer<Acc>((std::is_same_v<T, Acc> ? 0 : 2 * kFfnChunk * D) + kRowBlock * 2 * kFfnChunk);
+      },
+      [&](int64_t i, Buffer<Acc>& scratch) {
+        const int64_t e = gu_tasks[i].expert, c = gu_tasks[i].chunk * kFfnChunk;
+        const int64_t n = std::min(kFfnChunk, F - c);
+        const T* we = w_gate_up + e * 2 * F * D;
+        Acc* wbuf = scratch.get();
+        Acc* tile = wbuf + (std::is_same_v<T, Acc> ? 0 : 2 * kFfnChunk * D);
+        const auto [wg, ldg] = block_as<T, Acc>(we + c * D, D, n, D, wbuf);
+        const auto [wu, ldu] = block_as<T, Acc>(we + (F + c) * D, D, n, D, wbuf + n * D);
+        const int64_t begin = perm.expert_offsets[e], end = perm.expert_offsets[e + 1];
+        for (int64_t r = begin; r < end; r += kRowBlock) {
+          const int64_t m = std::min(kRowBlock, end - r);
+          gemm<Acc>(false, true, m, n, D, xs.get() + r * D, D, wg, ldg, Acc(0), tile, 2 * n);
+          gemm<Acc>(false, true, m, n, D, xs.get() + r * D, D, wu, ldu, Acc(0), tile + n, 2 * n);
+          if (gate_up_out) {
+            store_block<T, Acc>(tile, 2 * n, m, n, gate_up_out + r * 2 * F + c, 2 * F);
+            store_block<T, Acc>(tile + n, 2 * n, m, n, gate_up_out + r * 2 * F + F + c, 2 * F);
+          }
+          silu_mul_rows(tile, 2 * n, m, n, w.data() + r, act.get() + r * F + c, F);
+        }
+      });
+
+  // 4. down GEMM into the expert-sorted output rows.
+  const std::vector<Task> down_tasks = make_tasks(perm, E, D, kDimChunk, false);
+  run_tasks(
+      int64_t(down_tasks.size()),
+      [&] { return Buffer<Acc>(std::is_same_v<T, Acc> ? 0 : kDimChunk * F); },
+      [&](int64_t i, Buffer<Acc>& scratch) {
+        const int64_t e = down_tasks[i].expert, d = down_tasks[i].chunk * kDimChunk;
+        const int64_t n = std::min(kDimChunk, D - d);
+        const auto [wd, ldd] = block_as<T, Acc>(w_down + e * D * F + d * F, F, n, F, scratch.get());
+        const int64_t begin = perm.expert_offsets[e], rows = perm.rows(e);
+        gemm<Acc>(false, true, rows, n, F, act.get() + begin * F, F, wd, ldd, Acc(0), ys.get() + begin * D + d, D);
+      });
+
+  // 5. combine: y[t] = sum over the token's k slots, in slot order.
+  T* y = static_cast<T*>(p.y);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, k * D));
+  cpu::parallel_for(0, in.shape.tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> row(static_cast<size_t>(D));
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(row.begin(), row.end(), Acc(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const Acc* src = ys.get() + int64_t(perm.slot_pos[t * k + j]) * D;
+        for (int64_t d = 0; d < D; ++d) row[d] += src[d];
+      }
+      for (int64_t d = 0; d < D; ++d) y[t * D + d] = store_from<T>(row[d]);
+    }
+  });
+}
+
+}  // namespace
+
+void forward_cpu(const ForwardParams& p) {
+  M1_DISPATCH_DTYPE(p.in.dtype, T, forward_typed<T>(p));
+}
+
+}  // namespace m1::moe
