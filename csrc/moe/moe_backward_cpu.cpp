@@ -72,6 +72,9 @@ void backward_typed(const BackwardParams& p) {
   constexpr bool kConvert = !std::is_same_v<T, Acc>;
 
   const Permutation perm = permute(in);
+  // The weight gradients are E x (3 D F) elements even when few tokens came.
+  const bool parallel = 2.0 * double(P) * double(D) * double(F) + 3.0 * double(E) * double(D) * double(F) >
+                        kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
   Buffer<Acc> xs(P * D), dys(P * D);
   gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs.get());
@@ -82,7 +85,7 @@ void backward_typed(const BackwardParams& p) {
   if (!p.gate_up) {
     const std::vector<Task> tasks = make_tasks(perm, E, F, kFfnChunk, false);
     run_tasks(
-        int64_t(tasks.size()), [&] { return Buffer<Acc>(kConvert ? 2 * kFfnChunk * D : 0); },
+        int64_t(tasks.size()), parallel, [&] { return Buffer<Acc>(kConvert ? 2 * kFfnChunk * D : 0); },
         [&](int64_t i, Buffer<Acc>& scratch) {
           const int64_t e = tasks[i].expert, c = tasks[i].chunk * kFfnChunk, n = std::min(kFfnChunk, F - c);
           const T* we = w_gate_up + e * 2 * F * D;
@@ -100,7 +103,7 @@ void backward_typed(const BackwardParams& p) {
   Buffer<Acc> aw(P * F), dh(P * 2 * F), dw_part(P * ffn_chunks);
   const std::vector<Task> act_tasks = make_tasks(perm, E, F, kFfnChunk, false);
   run_tasks(
-      int64_t(act_tasks.size()),
+      int64_t(act_tasks.size()), parallel,
       [&] { return Buffer<Acc>((kConvert ? D * kFfnChunk : 0) + kRowBlock * kFfnChunk); },
       [&](int64_t i, Buffer<Acc>& scratch) {
         const int64_t e = act_tasks[i].expert, chunk = act_tasks[i].chunk, c = chunk * kFfnChunk;
@@ -147,7 +150,7 @@ void backward_typed(const BackwardParams& p) {
   T* gw_gate_up = static_cast<T*>(p.grad_w_gate_up);
   const int64_t scratch_size = kConvert ? std::max({kRowChunk * F, kRowChunk * D, 2 * F * kDimChunk}) : 0;
   run_tasks(
-      int64_t(grad_tasks.size()), [&] { return Buffer<Acc>(scratch_size); },
+      int64_t(grad_tasks.size()), parallel, [&] { return Buffer<Acc>(scratch_size); },
       [&](int64_t i, Buffer<Acc>& scratch) {
         const GradTask task = grad_tasks[i];
         const int64_t e = task.expert, r = perm.expert_offsets[e], m = perm.rows(e);

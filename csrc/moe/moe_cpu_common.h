@@ -168,11 +168,21 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Acc* a, int64
   }
 }
 
-// Runs fn(i, scratch) for every task i in [0, n) on the thread pool. Tasks
-// are handed out one at a time from a shared counter, so uneven tasks (experts
-// with more tokens) balance; each worker makes its scratch once.
+// Below this many flops a phase runs on the calling thread: waking the pool
+// costs more than the work (and much more when other processes hold the cores).
+constexpr double kParallelFlops = double(1 << 21);
+
+// Runs fn(i, scratch) for every task i in [0, n), on the thread pool when
+// `parallel`. Tasks are handed out one at a time from a shared counter, so
+// uneven tasks (experts with more tokens) balance; each worker makes its
+// scratch once.
 template <typename MakeScratch, typename Fn>
-void run_tasks(int64_t n, const MakeScratch& make_scratch, const Fn& fn) {
+void run_tasks(int64_t n, bool parallel, const MakeScratch& make_scratch, const Fn& fn) {
+  if (!parallel) {
+    auto scratch = make_scratch();
+    for (int64_t i = 0; i < n; ++i) fn(i, scratch);
+    return;
+  }
   std::atomic<int64_t> next{0};
   cpu::parallel_for(0, n, 1, [&](int64_t, int64_t) {
     auto scratch = make_scratch();

@@ -58,6 +58,7 @@ void forward_typed(const ForwardParams& p) {
   T* gate_up_out = static_cast<T*>(p.gate_up);
 
   const Permutation perm = permute(in);
+  const bool parallel = 2.0 * double(P) * double(D) * double(F) > kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
   Buffer<Acc> xs(P * D), act(P * F), ys(P * D);
   gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs.get());
@@ -65,7 +66,7 @@ void forward_typed(const ForwardParams& p) {
   // 3. gate_up GEMM with SiLU * up and the routing weight on the tile.
   const std::vector<Task> gu_tasks = make_tasks(perm, E, F, kFfnChunk, false);
   run_tasks(
-      int64_t(gu_tasks.size()),
+      int64_t(gu_tasks.size()), parallel,
       [&] {
         // converted weight block [2 * kFfnChunk, D] (16-bit weights) + G|U tile [kRowBlock, 2 * kFfnChunk]
         return Buffer<Acc>((std::is_same_v<T, Acc> ? 0 : 2 * kFfnChunk * D) + kRowBlock * 2 * kFfnChunk);
@@ -94,7 +95,7 @@ void forward_typed(const ForwardParams& p) {
   // 4. down GEMM into the expert-sorted output rows.
   const std::vector<Task> down_tasks = make_tasks(perm, E, D, kDimChunk, false);
   run_tasks(
-      int64_t(down_tasks.size()),
+      int64_t(down_tasks.size()), parallel,
       [&] { return Buffer<Acc>(std::is_same_v<T, Acc> ? 0 : kDimChunk * F); },
       [&](int64_t i, Buffer<Acc>& scratch) {
         const int64_t e = down_tasks[i].expert, d = down_tasks[i].chunk * kDimChunk;

@@ -1,4 +1,4 @@
-"""Fused MoE reference (DESIGN 3.2), written from the math.
+"""Fused MoE references (DESIGN 3.2), written from the math.
 
 Shapes: T tokens, D model dim, F expert FFN dim, E experts, k experts per token.
 w_gate_up [E, 2F, D] holds the gate rows then the up rows; w_down [E, D, F].
@@ -8,8 +8,10 @@ w_gate_up [E, 2F, D] holds the gate rows then the up rows; w_down [E, D, F].
     w       = p[ids] / sum p[ids]
     y_t     = sum_j w_tj W_down[e] (silu(W_gate[e] x_t) * (W_up[e] x_t)),  e = ids[t, j]
 
-One loop over tokens and their k choices: slow and obviously right.
-Differentiable (autograd through it gives reference gradients).
+Two independent forms: `fused_moe_loop_ref`, a loop over (token, choice)
+pairs, and `fused_moe_ref`, which runs every expert on every token and then
+picks the routed outputs (E times the work, but a handful of batched products,
+so tests can differentiate it quickly). Both are differentiable.
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ def moe_route_ref(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype = 
 
 
 def fused_moe_ref(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """y [T, D] in `dtype`: every expert on every token, then the routed sum."""
+    F = w_gate_up.shape[1] // 2
+    x, w_gate_up, w_down, topk_weights = (t.to(dtype) for t in (x, w_gate_up, w_down, topk_weights))
+    h = torch.einsum("td,efd->tef", x, w_gate_up)  # [T, E, 2F]: every expert's pre-activation
+    a = torch.nn.functional.silu(h[..., :F]) * h[..., F:]  # [T, E, F]
+    out = torch.einsum("tef,edf->ted", a, w_down)  # [T, E, D]: every expert's output
+    routed = out.gather(1, topk_ids.long()[..., None].expand(-1, -1, out.shape[-1]))  # [T, k, D]
+    return (topk_weights[..., None] * routed).sum(dim=1)
+
+
+def fused_moe_loop_ref(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
