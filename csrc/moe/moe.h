@@ -73,4 +73,19 @@ struct BackwardParams {
 void forward_cpu(const ForwardParams& p);
 void backward_cpu(const BackwardParams& p);
 
+#if defined(M1_WITH_CUDA) || defined(__CUDACC__)
+// CUDA launchers (moe_cuda.cu): float32, bfloat16, float16; every pointer on
+// one device; bf16/fp16 need D and F to be multiples of 8 (16-byte rows for
+// the tensor-core GEMMs; the glue checks). `workspace` is device memory of
+// the size the *_workspace_bytes function gives (save_gate_up / gate_up_given:
+// whether p.gate_up is set). They synchronise the stream once, to read the
+// expert sizes back, and return the number of ids outside [0, E): when it is
+// not zero nothing was written to the outputs. Throw std::runtime_error on a
+// CUDA or CUTLASS failure.
+size_t forward_cuda_workspace_bytes(const MoeShape& s, DType dtype, bool save_gate_up);
+size_t backward_cuda_workspace_bytes(const MoeShape& s, DType dtype, bool gate_up_given);
+int64_t forward_cuda(const ForwardParams& p, void* workspace, cudaStream_t stream);
+int64_t backward_cuda(const BackwardParams& p, void* workspace, cudaStream_t stream);
+#endif
+
 }  // namespace m1::moe

@@ -139,6 +139,53 @@ M1_CPU_MULTIVERSION void store_block(const Acc* __restrict src, int64_t ld_src, 
     for (int64_t j = 0; j < cols; ++j) dst[i * ld_dst + j] = store_from<T>(src[i * ld_src + j]);
 }
 
+// C[m, n] = A[m, k] B[n, k]^T for an expert with few rows (m <= kFewRows):
+// A in fp32 (row stride lda), B read once in its storage type T and widened
+// in registers, C fp32 (row stride ldc). With 16-bit weights this reads half
+// the bytes a converted fp32 copy would, which is what a small batch is
+// bound by; the M accumulator rows of 8 lanes stay in vector registers.
+constexpr int64_t kFewRows = 8;
+
+template <typename T, int M>
+M1_CPU_MULTIVERSION void gemm_nt_few_rows_fixed(int64_t n, int64_t k, const float* __restrict a, int64_t lda,
+                                                const T* __restrict b, int64_t ldb, float* __restrict c,
+                                                int64_t ldc) {
+  constexpr int V = 8;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* __restrict brow = b + j * ldb;
+    float acc[M][V] = {};
+    int64_t p = 0;
+    for (; p + V <= k; p += V) {
+      float bv[V];
+      for (int l = 0; l < V; ++l) bv[l] = load_as<float>(brow[p + l]);
+      for (int i = 0; i < M; ++i)
+        for (int l = 0; l < V; ++l) acc[i][l] += a[i * lda + p + l] * bv[l];
+    }
+    for (int i = 0; i < M; ++i) {
+      float sum = 0.f;
+      for (int l = 0; l < V; ++l) sum += acc[i][l];
+      for (int64_t q = p; q < k; ++q) sum += a[i * lda + q] * load_as<float>(brow[q]);
+      c[i * ldc + j] = sum;
+    }
+  }
+}
+
+template <typename T>
+void gemm_nt_few_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb,
+                      float* c, int64_t ldc) {
+  switch (m) {
+    case 1: gemm_nt_few_rows_fixed<T, 1>(n, k, a, lda, b, ldb, c, ldc); break;
+    case 2: gemm_nt_few_rows_fixed<T, 2>(n, k, a, lda, b, ldb, c, ldc); break;
+    case 3: gemm_nt_few_rows_fixed<T, 3>(n, k, a, lda, b, ldb, c, ldc); break;
+    case 4: gemm_nt_few_rows_fixed<T, 4>(n, k, a, lda, b, ldb, c, ldc); break;
+    case 5: gemm_nt_few_rows_fixed<T, 5>(n, k, a, lda, b, ldb, c, ldc); break;
+    case 6: gemm_nt_few_rows_fixed<T, 6>(n, k, a, lda, b, ldb, c, ldc); break;
+    case 7: gemm_nt_few_rows_fixed<T, 7>(n, k, a, lda, b, ldb, c, ldc); break;
+    case 8: gemm_nt_few_rows_fixed<T, 8>(n, k, a, lda, b, ldb, c, ldc); break;
+    default: throw std::logic_error("m1 fused_moe: gemm_nt_few_rows takes 1 to 8 rows");
+  }
+}
+
 // Plain loops for float64 (gradcheck-sized problems only): C = op(A) op(B) + beta C.
 inline void dgemm_loop(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
                        const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {

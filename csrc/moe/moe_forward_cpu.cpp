@@ -20,6 +20,7 @@
 // bf16/fp16 weight blocks are converted to fp32 inside their task (once per
 // call: one task covers all rows of its expert).
 #include <algorithm>
+#include <tuple>
 
 #include "common/dispatch.h"
 #include "moe/moe_cpu_common.h"
@@ -50,6 +51,7 @@ M1_CPU_MULTIVERSION void silu_mul_rows(const Acc* __restrict gu, int64_t ld_gu, 
 template <typename T>
 void forward_typed(const ForwardParams& p) {
   using Acc = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, Acc>;  // 16-bit storage
   const MoeInputs& in = p.in;
   const int64_t D = in.shape.dim, F = in.shape.ffn, E = in.shape.experts, k = in.shape.topk;
   const int64_t P = in.shape.slots();
@@ -75,15 +77,31 @@ void forward_typed(const ForwardParams& p) {
         const int64_t e = gu_tasks[i].expert, c = gu_tasks[i].chunk * kFfnChunk;
         const int64_t n = std::min(kFfnChunk, F - c);
         const T* we = w_gate_up + e * 2 * F * D;
+        const int64_t begin = perm.expert_offsets[e], end = perm.expert_offsets[e + 1];
         Acc* wbuf = scratch.get();
         Acc* tile = wbuf + (std::is_same_v<T, Acc> ? 0 : 2 * kFfnChunk * D);
-        const auto [wg, ldg] = block_as<T, Acc>(we + c * D, D, n, D, wbuf);
-        const auto [wu, ldu] = block_as<T, Acc>(we + (F + c) * D, D, n, D, wbuf + n * D);
-        const int64_t begin = perm.expert_offsets[e], end = perm.expert_offsets[e + 1];
+        // Few rows and 16-bit weights: multiply straight from the weights (read once, half the bytes).
+        const bool direct = kConvert && end - begin <= kFewRows;
+        const Acc* wg = nullptr;
+        const Acc* wu = nullptr;
+        int64_t ldw = D;
+        if (!direct) {
+          std::tie(wg, ldw) = block_as<T, Acc>(we + c * D, D, n, D, wbuf);
+          std::tie(wu, ldw) = block_as<T, Acc>(we + (F + c) * D, D, n, D, wbuf + n * D);
+        }
         for (int64_t r = begin; r < end; r += kRowBlock) {
           const int64_t m = std::min(kRowBlock, end - r);
-          gemm<Acc>(false, true, m, n, D, xs.get() + r * D, D, wg, ldg, Acc(0), tile, 2 * n);
-          gemm<Acc>(false, true, m, n, D, xs.get() + r * D, D, wu, ldu, Acc(0), tile + n, 2 * n);
+          const Acc* xr = xs.get() + r * D;
+          if constexpr (kConvert) {
+            if (direct) {
+              gemm_nt_few_rows(m, n, D, xr, D, we + c * D, D, tile, 2 * n);
+              gemm_nt_few_rows(m, n, D, xr, D, we + (F + c) * D, D, tile + n, 2 * n);
+            }
+          }
+          if (!direct) {
+            gemm<Acc>(false, true, m, n, D, xr, D, wg, ldw, Acc(0), tile, 2 * n);
+            gemm<Acc>(false, true, m, n, D, xr, D, wu, ldw, Acc(0), tile + n, 2 * n);
+          }
           if (gate_up_out) {
             store_block<T, Acc>(tile, 2 * n, m, n, gate_up_out + r * 2 * F + c, 2 * F);
             store_block<T, Acc>(tile + n, 2 * n, m, n, gate_up_out + r * 2 * F + F + c, 2 * F);
@@ -100,8 +118,15 @@ void forward_typed(const ForwardParams& p) {
       [&](int64_t i, Buffer<Acc>& scratch) {
         const int64_t e = down_tasks[i].expert, d = down_tasks[i].chunk * kDimChunk;
         const int64_t n = std::min(kDimChunk, D - d);
-        const auto [wd, ldd] = block_as<T, Acc>(w_down + e * D * F + d * F, F, n, F, scratch.get());
+        const T* wd_e = w_down + e * D * F + d * F;  // rows d .. d + n of W_down[e]: [n, F]
         const int64_t begin = perm.expert_offsets[e], rows = perm.rows(e);
+        if constexpr (kConvert) {
+          if (rows <= kFewRows) {
+            gemm_nt_few_rows(rows, n, F, act.get() + begin * F, F, wd_e, F, ys.get() + begin * D + d, D);
+            return;
+          }
+        }
+        const auto [wd, ldd] = block_as<T, Acc>(wd_e, F, n, F, scratch.get());
         gemm<Acc>(false, true, rows, n, F, act.get() + begin * F, F, wd, ldd, Acc(0), ys.get() + begin * D + d, D);
       });
 

@@ -1,0 +1,136 @@
+"""Fused MoE on the CPU: m1 against transformers' per-expert loop and a dense torch.mm.
+
+    python bench/bench_moe.py [--tokens 16 512 4096 16384] [--dtypes float32 bfloat16]
+
+MiniMax-M1's expert shape scaled down to fit the CPU: D=1024, F=1536, E=32, k=2,
+softmax top-2 routing of random logits. For each token count T and dtype, in one run:
+
+  m1           m1ops.fused_moe (forward), and forward + backward through autograd
+               (gradients for x, both weights and the routing weights);
+  loop         the experts of transformers' MoE block (MixtralExperts.forward, which
+               MiniMax uses), reimplemented below: a Python loop over the experts that
+               received tokens, index gathers, F.linear in the input dtype, index_add_;
+               forward, and forward + backward under autograd;
+  dense mm     one fp32 torch.mm [T*k, D] @ [D, 3F]: the same FLOPs as the forward
+               (2 T k D 3F) as a single dense product, the machine's ceiling;
+  weight read  the time to read the weights of the experts that received tokens once,
+               at the memory bandwidth measured in the same run (a streaming sum of a
+               large fp32 buffer): the floor of a forward at small T.
+
+FLOPs: forward 6 T k D F; forward + backward 18 T k D F (m1 keeps the gate/up
+pre-activations, so its backward does 6 of the 9 units without recomputing).
+Times are medians; ratios compare numbers of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import print_table, time_ms, write_json
+
+import m1ops
+
+D, FFN, E, K = 1024, 1536, 32, 2
+
+
+def transformers_experts(x, w_gate_up, w_down, topk_weights, topk_ids):
+    """The experts of transformers' Mixtral/MiniMax MoE block: one iteration per expert hit."""
+    final = torch.zeros_like(x)
+    with torch.no_grad():
+        mask = F.one_hot(topk_ids, num_classes=w_gate_up.shape[0]).permute(2, 1, 0)  # [E, k, T]
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for e in hit:
+        e = e[0]
+        pos, tok = torch.where(mask[e])
+        gate, up = F.linear(x[tok], w_gate_up[e]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, w_down[e])
+        h = h * topk_weights[tok, pos, None]
+        final.index_add_(0, tok, h.to(final.dtype))
+    return final
+
+
+def adaptive_ms(fn, budget_s: float) -> float:
+    """Median time of fn with as many repeats (1..10) as fit in about budget_s."""
+    first = time_ms(fn, repeat=1, warmup=0)
+    repeat = max(1, min(10, int(budget_s * 1e3 / max(first, 1e-3))))
+    return time_ms(fn, repeat=repeat, warmup=1 if repeat > 1 else 0)
+
+
+def fwd_bwd(fn, x, w_gate_up, w_down, topk_weights, topk_ids, grad_y):
+    leaves = [t.detach().requires_grad_() for t in (x, w_gate_up, w_down, topk_weights)]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves, topk_ids).backward(grad_y)
+
+    return run
+
+
+def memory_bandwidth_gbs() -> float:
+    buf = torch.ones(64 * 2**20)  # 256 MB, well beyond the caches
+    ms = time_ms(lambda: buf.sum(), repeat=10, warmup=2)
+    return buf.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 4096, 16384])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds per timed measurement (1 to 10 runs)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    bandwidth = memory_bandwidth_gbs()
+    print(f"D={D} F={FFN} E={E} k={K}, {torch.get_num_threads()} threads, memory read {bandwidth:.1f} GB/s")
+    rows = []
+    for T in args.tokens:
+        logits = torch.randn(T, E)
+        topk_weights, topk_ids = m1ops.moe_route(logits, K)
+        hit = int(torch.unique(topk_ids).numel())
+        dense_a, dense_b = torch.randn(T * K, D), torch.randn(D, 3 * FFN)
+        dense_ms = adaptive_ms(lambda: torch.mm(dense_a, dense_b), args.budget)
+        fwd_flops = 6 * T * K * D * FFN
+        for name in args.dtypes:
+            dtype = getattr(torch, name)
+            x = torch.randn(T, D).to(dtype)
+            w_gate_up = (torch.randn(E, 2 * FFN, D) / D**0.5).to(dtype)
+            w_down = (torch.randn(E, D, FFN) / FFN**0.5).to(dtype)
+            grad_y = torch.randn(T, D).to(dtype)
+            inputs = (x, w_gate_up, w_down, topk_weights, topk_ids)
+            with torch.no_grad():
+                m1_fwd = adaptive_ms(lambda: m1ops.fused_moe(*inputs), args.budget)
+                loop_fwd = adaptive_ms(lambda: transformers_experts(*inputs), args.budget)
+            m1_fb = adaptive_ms(fwd_bwd(m1ops.fused_moe, *inputs, grad_y), args.budget)
+            loop_fb = adaptive_ms(fwd_bwd(transformers_experts, *inputs, grad_y), args.budget)
+            weight_bytes = hit * 3 * FFN * D * x.element_size()
+            floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+            rows.append(dict(
+                T=T, dtype=name, experts_hit=hit,
+                m1_fwd_ms=m1_fwd, loop_fwd_ms=loop_fwd, fwd_speedup=loop_fwd / m1_fwd,
+                m1_fwd_gflops=fwd_flops / (m1_fwd * 1e-3) / 1e9,
+                dense_mm_ms=dense_ms, dense_mm_gflops=fwd_flops / (dense_ms * 1e-3) / 1e9,
+                fwd_vs_dense=dense_ms / m1_fwd, weight_read_ms=floor_ms, fwd_vs_floor=m1_fwd / floor_ms,
+                m1_fwd_bwd_ms=m1_fb, loop_fwd_bwd_ms=loop_fb, fwd_bwd_speedup=loop_fb / m1_fb,
+                m1_fwd_bwd_gflops=3 * fwd_flops / (m1_fb * 1e-3) / 1e9,
+                fwd_bwd_vs_dense=3 * dense_ms / m1_fb,
+            ))
+            r = rows[-1]
+            print(f"T={T:5d} {name:8s} fwd {m1_fwd:9.1f} ms (loop {loop_fwd:9.1f}, {r['fwd_speedup']:5.2f}x, "
+                  f"{r['fwd_vs_dense']:.0%} of mm)  fwd+bwd {m1_fb:9.1f} ms (loop {loop_fb:9.1f}, "
+                  f"{r['fwd_bwd_speedup']:5.2f}x)", flush=True)
+    print()
+    print_table(rows, [("T", "T", "d"), ("dtype", "dtype", "s"), ("m1_fwd_ms", "m1 fwd ms", ".1f"),
+                       ("loop_fwd_ms", "loop fwd ms", ".1f"), ("fwd_speedup", "x loop", ".2f"),
+                       ("m1_fwd_gflops", "m1 GF/s", ".0f"), ("dense_mm_gflops", "mm GF/s", ".0f"),
+                       ("fwd_vs_dense", "of mm", ".2f"), ("weight_read_ms", "w-read ms", ".1f"),
+                       ("fwd_vs_floor", "x floor", ".2f"), ("m1_fwd_bwd_ms", "m1 f+b ms", ".1f"),
+                       ("loop_fwd_bwd_ms", "loop f+b ms", ".1f"), ("fwd_bwd_speedup", "x loop", ".2f"),
+                       ("fwd_bwd_vs_dense", "f+b of mm", ".2f")])
+    write_json("moe", {"shape": dict(D=D, F=FFN, E=E, k=K), "memory_read_gbs": bandwidth, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
