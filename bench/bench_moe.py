@@ -20,6 +20,9 @@ softmax top-2 routing of random logits. For each token count T and dtype, in one
 FLOPs: forward 6 T k D F; forward + backward 18 T k D F (m1 keeps the gate/up
 pre-activations, so its backward does 6 of the 9 units without recomputing).
 Times are medians; ratios compare numbers of the same run.
+
+A second table measures that memory/time trade: m1's backward alone with the
+saved [T*k, 2F] pre-activations against the same backward recomputing them.
 """
 
 from __future__ import annotations
@@ -121,6 +124,21 @@ def main() -> None:
             print(f"T={T:5d} {name:8s} fwd {m1_fwd:9.1f} ms (loop {loop_fwd:9.1f}, {r['fwd_speedup']:5.2f}x, "
                   f"{r['fwd_vs_dense']:.0%} of mm)  fwd+bwd {m1_fb:9.1f} ms (loop {loop_fb:9.1f}, "
                   f"{r['fwd_bwd_speedup']:5.2f}x)", flush=True)
+    trade = []
+    for T in [t for t in args.tokens if t >= 512]:
+        for name in args.dtypes:
+            dtype = getattr(torch, name)
+            x = torch.randn(T, D).to(dtype)
+            w_gate_up = (torch.randn(E, 2 * FFN, D) / D**0.5).to(dtype)
+            w_down = (torch.randn(E, D, FFN) / FFN**0.5).to(dtype)
+            topk_weights, topk_ids = m1ops.moe_route(torch.randn(T, E), K)
+            grad_y = torch.randn(T, D).to(dtype)
+            inputs = (x, w_gate_up, w_down, topk_weights, topk_ids)
+            _, gate_up = torch.ops.m1.fused_moe(*inputs, save_gate_up=True)
+            saved = adaptive_ms(lambda: m1ops.fused_moe_backward(grad_y, *inputs, gate_up), args.budget)
+            recomputed = adaptive_ms(lambda: m1ops.fused_moe_backward(grad_y, *inputs, None), args.budget)
+            trade.append(dict(T=T, dtype=name, saved_mb=gate_up.numel() * gate_up.element_size() / 2**20,
+                              bwd_saved_ms=saved, bwd_recomputed_ms=recomputed, recompute_cost=recomputed / saved))
     print()
     print_table(rows, [("T", "T", "d"), ("dtype", "dtype", "s"), ("m1_fwd_ms", "m1 fwd ms", ".1f"),
                        ("loop_fwd_ms", "loop fwd ms", ".1f"), ("fwd_speedup", "x loop", ".2f"),
@@ -129,7 +147,14 @@ def main() -> None:
                        ("fwd_vs_floor", "x floor", ".2f"), ("m1_fwd_bwd_ms", "m1 f+b ms", ".1f"),
                        ("loop_fwd_bwd_ms", "loop f+b ms", ".1f"), ("fwd_bwd_speedup", "x loop", ".2f"),
                        ("fwd_bwd_vs_dense", "f+b of mm", ".2f")])
-    write_json("moe", {"shape": dict(D=D, F=FFN, E=E, k=K), "memory_read_gbs": bandwidth, "rows": rows})
+    if trade:
+        print()
+        print_table(trade, [("T", "T", "d"), ("dtype", "dtype", "s"), ("saved_mb", "saved h MB", ".0f"),
+                            ("bwd_saved_ms", "bwd (saved h) ms", ".1f"),
+                            ("bwd_recomputed_ms", "bwd (recompute h) ms", ".1f"),
+                            ("recompute_cost", "recompute / saved", ".2f")])
+    write_json("moe", {"shape": dict(D=D, F=FFN, E=E, k=K), "memory_read_gbs": bandwidth, "rows": rows,
+                       "saved_vs_recomputed": trade})
 
 
 if __name__ == "__main__":

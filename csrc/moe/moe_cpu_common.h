@@ -46,7 +46,7 @@ struct Permutation {
 template <typename Id>
 Permutation permute_typed(const Id* ids, int64_t slots, int64_t experts) {
   const int64_t chunks = permute_chunks(slots);
-  std::vector<int32_t> table(size_t(experts * chunks));
+  std::vector<int32_t> table(static_cast<size_t>(experts * chunks));
   std::atomic<int64_t> invalid{0};
   cpu::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
     int64_t bad = 0;

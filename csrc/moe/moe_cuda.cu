@@ -245,7 +245,7 @@ int64_t permute_typed(const MoeInputs& in, Permutation& perm, cudaStream_t strea
   }
   scan_kernel<<<1, kScanThreads, 0, stream>>>(perm.table, experts * chunks, experts, chunks, perm.header + 1);
   check_launch("scan kernel");
-  std::vector<int32_t> header(size_t(experts + 2));
+  std::vector<int32_t> header(static_cast<size_t>(experts + 2));
   check(cudaMemcpyAsync(header.data(), perm.header, header.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
         "reading back the expert offsets");
   check(cudaStreamSynchronize(stream), "waiting for the expert offsets");

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <tuple>
 
 #include "common/torch_utils.h"
@@ -17,12 +19,18 @@ namespace {
 constexpr const char* kForward = "m1.fused_moe";
 constexpr const char* kBackward = "m1.fused_moe_backward";
 
-// The tensor-core GEMMs move 16-byte rows: bf16/fp16 need D and F to be multiples of 8.
-void check_cuda_shape(const char* op, const MoeInputs& in) {
+// The tensor-core GEMMs move 16-byte rows: bf16/fp16 need D and F to be
+// multiples of 8 and the tensors they read in place (the weights, saved
+// pre-activations) 16-byte aligned. x and grad_y are gathered first: any layout.
+void check_cuda_layout(const char* op, const MoeInputs& in, std::initializer_list<NamedTensor> read_in_place) {
   if (in.dtype == DType::kFloat32) return;
   TORCH_CHECK_VALUE(in.shape.dim % 8 == 0 && in.shape.ffn % 8 == 0, op,
                     ": on CUDA, bfloat16/float16 experts need D and F to be multiples of 8 (16-byte rows), got D = ",
                     in.shape.dim, ", F = ", in.shape.ffn);
+  for (const NamedTensor& t : read_in_place) {
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.second->data_ptr()) % 16 == 0, op, ": on CUDA, '", t.first,
+                      "' must start on a 16-byte boundary (a view at an odd offset? call .clone())");
+  }
 }
 
 at::Tensor workspace(const at::Tensor& like, size_t bytes) {
@@ -34,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> fused_moe_cuda(const at::Tensor& x, const at:
                                                   const at::Tensor& topk_ids, bool save_gate_up) {
   ForwardParams p;
   p.in = make_moe_inputs(kForward, x, w_gate_up, w_down, topk_weights, topk_ids);
-  check_cuda_shape(kForward, p.in);
+  check_cuda_layout(kForward, p.in, {{"w_gate_up", &w_gate_up}, {"w_down", &w_down}});
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeShape& s = p.in.shape;
   at::Tensor y = at::empty({s.tokens, s.dim}, x.options());
@@ -52,9 +60,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_moe_backward_cu
     const at::Tensor& topk_weights, const at::Tensor& topk_ids, const std::optional<at::Tensor>& gate_up) {
   BackwardParams p;
   p.in = make_moe_inputs(kBackward, x, w_gate_up, w_down, topk_weights, topk_ids);
-  check_cuda_shape(kBackward, p.in);
   const at::Tensor grad_y_c = prepare_grad_y(kBackward, grad_y, x, p);
   check_gate_up(kBackward, gate_up, x, p.in.shape);
+  check_cuda_layout(kBackward, p.in, {{"w_gate_up", &w_gate_up}, {"w_down", &w_down}});
+  if (gate_up.has_value()) check_cuda_layout(kBackward, p.in, {{"gate_up", &*gate_up}});
   const c10::cuda::CUDAGuard guard(x.device());
   const MoeShape& s = p.in.shape;
   at::Tensor grad_x = at::empty({s.tokens, s.dim}, x.options());

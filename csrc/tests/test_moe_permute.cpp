@@ -24,14 +24,14 @@ struct Result {
 template <typename Id>
 Result run(const std::vector<Id>& ids, int64_t experts, const std::vector<int64_t>& order) {
   const int64_t slots = int64_t(ids.size()), chunks = permute_chunks(slots);
-  std::vector<int32_t> table(size_t(experts * chunks), -7);  // garbage: pass 1 must overwrite
+  std::vector<int32_t> table(static_cast<size_t>(experts * chunks), -7);  // garbage: pass 1 must overwrite
   Result r;
   for (int64_t c : order) r.invalid += histogram_chunk(ids.data(), slots, experts, chunks, c, table.data());
   const int64_t total = exclusive_scan(table.data(), experts * chunks);
   r.offsets.assign(size_t(experts + 1), -1);
   expert_offsets_from_cursor(table.data(), experts, chunks, total, r.offsets.data());
   // One guard element on each side: nothing may be written outside [0, slots).
-  std::vector<int32_t> sorted(size_t(slots + 2), -1), pos(size_t(slots + 2), -1);
+  std::vector<int32_t> sorted(static_cast<size_t>(slots + 2), -1), pos(static_cast<size_t>(slots + 2), -1);
   for (int64_t c : order) scatter_chunk(ids.data(), slots, experts, chunks, c, table.data(), sorted.data() + 1, pos.data() + 1);
   M1_EXPECT(sorted.front() == -1 && sorted.back() == -1 && pos.front() == -1 && pos.back() == -1, "guards written");
   r.sorted.assign(sorted.begin() + 1, sorted.end() - 1);
@@ -42,7 +42,7 @@ Result run(const std::vector<Id>& ids, int64_t experts, const std::vector<int64_
 template <typename Id>
 void check_case(const std::vector<Id>& ids, int64_t experts, std::mt19937& rng, const char* what) {
   const int64_t slots = int64_t(ids.size()), chunks = permute_chunks(slots);
-  std::vector<int64_t> order(size_t(chunks));
+  std::vector<int64_t> order(static_cast<size_t>(chunks));
   for (int64_t c = 0; c < chunks; ++c) order[size_t(c)] = c;
   const Result a = run(ids, experts, order);
   std::shuffle(order.begin(), order.end(), rng);
@@ -90,7 +90,7 @@ void suite(std::mt19937& rng) {
   for (int64_t experts : {1, 3, 8, 32}) {
     for (int64_t slots : {0, 1, 7, 255, 256, 257, 1000, 4096 + 13}) {
       std::uniform_int_distribution<int64_t> pick(0, experts - 1);
-      std::vector<Id> ids(size_t(slots));
+      std::vector<Id> ids(static_cast<size_t>(slots));
       for (Id& v : ids) v = Id(pick(rng));
       check_case(ids, experts, rng, "random");
       // Experts that receive nothing: only even ids.
