@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -262,10 +263,49 @@ inline std::vector<Task> make_tasks(const Permutation& perm, int64_t experts, in
   return tasks;
 }
 
+// cond ? a : b for floats as bit arithmetic: GCC does not if-convert a float
+// select under the default -ftrapping-math, which keeps the loop scalar.
+M1_INLINE float select_float(bool cond, float a, float b) {
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, sizeof(ia));
+  std::memcpy(&ib, &b, sizeof(ib));
+  const int32_t mask = -int32_t(cond);
+  const int32_t out = (ia & mask) | (ib & ~mask);
+  float f;
+  std::memcpy(&f, &out, sizeof(f));
+  return f;
+}
+
+// exp(x) for float in straight-line arithmetic that vectorises (std::exp is a
+// scalar call): x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for
+// exp(r) (relative error < 2.5e-7 over the float range), times 2^n built from
+// the exponent bits. x is clamped to [-87, 88] (2^n stays a normal float);
+// NaN stays NaN (the comparisons are false).
+M1_INLINE float exp_vec(float x) {
+  x = select_float(x > 88.f, 88.f, x);
+  x = select_float(x < -87.f, -87.f, x);
+  // round(x / ln2) by adding and subtracting 1.5 * 2^23 (exact for |x / ln2| < 2^22).
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n, n in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+M1_INLINE double exp_vec(double x) { return std::exp(x); }
+
 // silu(g) = g * sigmoid(g); its derivative is s (1 + g (1 - s)), s = sigmoid(g).
 template <typename Acc>
 M1_INLINE Acc sigmoid(Acc g) {
-  return Acc(1) / (Acc(1) + std::exp(-g));
+  return Acc(1) / (Acc(1) + exp_vec(-g));
 }
 
 }  // namespace m1::moe::cpu_detail
