@@ -91,12 +91,19 @@ void backward_typed(const BackwardParams& p) {
   const bool parallel = 2.0 * double(P) * double(D) * double(F) + 3.0 * double(E) * double(D) * double(F) >
                         kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
-  Buffer<Acc> xs(P * D), dys(P * D);
-  gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs.get());
-  gather_rows(static_cast<const T*>(p.grad_y), p.grad_y_row_stride, D, perm, k, dys.get());
+  const int64_t ffn_chunks = (F + kFfnChunk - 1) / kFfnChunk;
+  const Scratch<Acc> bufs({P * D, P * D, p.gate_up ? 0 : P * 2 * F, P * F, P * 2 * F, P * ffn_chunks, P * D});
+  Acc* const xs = bufs[0];       // [P, D] gathered rows of x
+  Acc* const dys = bufs[1];      // [P, D] gathered rows of dy
+  Acc* const h_acc = bufs[2];    // [P, 2F] recomputed pre-activations (when not saved)
+  Acc* const aw = bufs[3];       // [P, F] w silu(g) u
+  Acc* const dh = bufs[4];       // [P, 2F] gradient of the pre-activations
+  Acc* const dw_part = bufs[5];  // [P, FFN chunks] partial d topk_weights
+  Acc* const dxs = bufs[6];      // [P, D] per-slot dx rows
+  gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs);
+  gather_rows(static_cast<const T*>(p.grad_y), p.grad_y_row_stride, D, perm, k, dys);
 
   // 2. pre-activations: saved (storage T) or recomputed here (Acc).
-  Buffer<Acc> h_acc(p.gate_up ? 0 : P * 2 * F);
   if (!p.gate_up) {
     const std::vector<Task> tasks = make_tasks(perm, E, F, kFfnChunk, false);
     run_tasks(
@@ -107,15 +114,13 @@ void backward_typed(const BackwardParams& p) {
           const auto [wg, ldg] = block_as<T, Acc>(we + c * D, D, n, D, scratch.get());
           const auto [wu, ldu] = block_as<T, Acc>(we + (F + c) * D, D, n, D, scratch.get() + n * D);
           const int64_t r = perm.expert_offsets[e], m = perm.rows(e);
-          gemm<Acc>(false, true, m, n, D, xs.get() + r * D, D, wg, ldg, Acc(0), h_acc.get() + r * 2 * F + c, 2 * F);
-          gemm<Acc>(false, true, m, n, D, xs.get() + r * D, D, wu, ldu, Acc(0), h_acc.get() + r * 2 * F + F + c,
+          gemm<Acc>(false, true, m, n, D, xs + r * D, D, wg, ldg, Acc(0), h_acc + r * 2 * F + c, 2 * F);
+          gemm<Acc>(false, true, m, n, D, xs + r * D, D, wu, ldu, Acc(0), h_acc + r * 2 * F + F + c,
                     2 * F);
         });
   }
 
   // 3. dA = dy W_down and the activation gradients on the tile.
-  const int64_t ffn_chunks = (F + kFfnChunk - 1) / kFfnChunk;
-  Buffer<Acc> aw(P * F), dh(P * 2 * F), dw_part(P * ffn_chunks);
   const std::vector<Task> act_tasks = make_tasks(perm, E, F, kFfnChunk, false);
   run_tasks(
       int64_t(act_tasks.size()), parallel,
@@ -129,16 +134,16 @@ void backward_typed(const BackwardParams& p) {
         const int64_t begin = perm.expert_offsets[e], end = perm.expert_offsets[e + 1];
         for (int64_t r = begin; r < end; r += kRowBlock) {
           const int64_t m = std::min(kRowBlock, end - r);
-          gemm<Acc>(false, false, m, n, D, dys.get() + r * D, D, wd, ldd, Acc(0), da, n);
-          Acc* aw_r = aw.get() + r * F + c;
-          Acc* dg = dh.get() + r * 2 * F + c;
+          gemm<Acc>(false, false, m, n, D, dys + r * D, D, wd, ldd, Acc(0), da, n);
+          Acc* aw_r = aw + r * F + c;
+          Acc* dg = dh + r * 2 * F + c;
           Acc* du = dg + F;
-          Acc* part = dw_part.get() + r * ffn_chunks + chunk;
+          Acc* part = dw_part + r * ffn_chunks + chunk;
           if (p.gate_up) {
             const T* h = static_cast<const T*>(p.gate_up) + r * 2 * F;
             act_grad_rows(h + c, h + F + c, 2 * F, da, m, n, w.data() + r, aw_r, F, dg, du, 2 * F, part, ffn_chunks);
           } else {
-            const Acc* h = h_acc.get() + r * 2 * F;
+            const Acc* h = h_acc + r * 2 * F;
             act_grad_rows(h + c, h + F + c, 2 * F, da, m, n, w.data() + r, aw_r, F, dg, du, 2 * F, part, ffn_chunks);
           }
         }
@@ -160,7 +165,6 @@ void backward_typed(const BackwardParams& p) {
         for (int64_t c = 0; c < dx_chunks; ++c) grad_tasks.push_back({2, t.expert, int32_t(c)});
     }
   }
-  Buffer<Acc> dxs(P * D);
   T* gw_down = static_cast<T*>(p.grad_w_down);
   T* gw_gate_up = static_cast<T*>(p.grad_w_gate_up);
   const int64_t scratch_size = kConvert ? std::max({kRowChunk * F, kRowChunk * D, 2 * F * kDimChunk}) : 0;
@@ -173,18 +177,18 @@ void backward_typed(const BackwardParams& p) {
           const int64_t d = task.chunk * kRowChunk, n = std::min(kRowChunk, D - d);
           T* out = gw_down + e * D * F + d * F;
           Acc* acc = kConvert ? scratch.get() : reinterpret_cast<Acc*>(out);
-          gemm<Acc>(true, false, n, F, m, dys.get() + r * D + d, D, aw.get() + r * F, F, Acc(0), acc, F);
+          gemm<Acc>(true, false, n, F, m, dys + r * D + d, D, aw + r * F, F, Acc(0), acc, F);
           if constexpr (kConvert) store_block<T, Acc>(acc, F, n, F, out, F);
         } else if (task.kind == 1) {  // dW_gate_up[e] rows q .. q + n: [n, D] = dh_e[:, q:]^T xs_e
           const int64_t q = task.chunk * kRowChunk, n = std::min(kRowChunk, 2 * F - q);
           T* out = gw_gate_up + e * 2 * F * D + q * D;
           Acc* acc = kConvert ? scratch.get() : reinterpret_cast<Acc*>(out);
-          gemm<Acc>(true, false, n, D, m, dh.get() + r * 2 * F + q, 2 * F, xs.get() + r * D, D, Acc(0), acc, D);
+          gemm<Acc>(true, false, n, D, m, dh + r * 2 * F + q, 2 * F, xs + r * D, D, Acc(0), acc, D);
           if constexpr (kConvert) store_block<T, Acc>(acc, D, n, D, out, D);
         } else {  // dxs_e[:, d:d+n] = dh_e Wgu[e][:, d:d+n]
           const int64_t d = task.chunk * kDimChunk, n = std::min(kDimChunk, D - d);
           const auto [wgu, ldw] = block_as<T, Acc>(w_gate_up + e * 2 * F * D + d, D, 2 * F, n, scratch.get());
-          gemm<Acc>(false, false, m, n, 2 * F, dh.get() + r * 2 * F, 2 * F, wgu, ldw, Acc(0), dxs.get() + r * D + d,
+          gemm<Acc>(false, false, m, n, 2 * F, dh + r * 2 * F, 2 * F, wgu, ldw, Acc(0), dxs + r * D + d,
                     D);
         }
       });
@@ -198,10 +202,10 @@ void backward_typed(const BackwardParams& p) {
       std::fill(row.begin(), row.end(), Acc(0));
       for (int64_t j = 0; j < k; ++j) {
         const int64_t pos = perm.slot_pos[t * k + j];
-        const Acc* src = dxs.get() + pos * D;
+        const Acc* src = dxs + pos * D;
         for (int64_t d = 0; d < D; ++d) row[d] += src[d];
         Acc dwt = Acc(0);
-        for (int64_t c = 0; c < ffn_chunks; ++c) dwt += dw_part.get()[pos * ffn_chunks + c];
+        for (int64_t c = 0; c < ffn_chunks; ++c) dwt += dw_part[pos * ffn_chunks + c];
         if (in.weight_dtype == DType::kFloat64) {
           static_cast<double*>(p.grad_topk_weights)[t * k + j] = double(dwt);
         } else {

@@ -13,7 +13,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -26,13 +28,80 @@
 
 namespace m1::moe::cpu_detail {
 
-// Uninitialised buffer (every element is written before it is read; zeroing
-// hundreds of MB at T = 16K would cost as much as a small GEMM).
+// Uninitialised per-worker buffer (a few MB at most; the large per-call
+// buffers come from Scratch below).
 template <typename Acc>
 struct Buffer {
   std::unique_ptr<Acc[]> data;
   explicit Buffer(int64_t n) : data(n > 0 ? new Acc[size_t(n)] : nullptr) {}
   Acc* get() const { return data.get(); }
+};
+
+// The large per-call buffers (gathered rows, activations, per-slot outputs:
+// tens to hundreds of MB) come from grow-only arenas kept for the life of the
+// process and reused: on these VMs the first touch of fresh pages costs about
+// 0.7 ms per MB, up to a fifth of a T = 4096 forward. A call leases one arena
+// (a pool serves concurrent calls) and returns it when done, so the memory
+// held is the largest single call's scratch (per concurrently running call):
+// forward 4 P (2D + F) bytes, backward 4 P (3D + 3F [+ 2F]) bytes (Acc = fp32).
+class ArenaPool {
+ public:
+  struct Arena {
+    std::unique_ptr<char[]> data;
+    size_t bytes = 0;
+  };
+  static std::unique_ptr<Arena> take() {
+    std::lock_guard<std::mutex> lock(mutex());
+    auto& pool = free_list();
+    if (pool.empty()) return std::make_unique<Arena>();
+    std::unique_ptr<Arena> a = std::move(pool.back());
+    pool.pop_back();
+    return a;
+  }
+  static void give_back(std::unique_ptr<Arena> a) {
+    std::lock_guard<std::mutex> lock(mutex());
+    free_list().push_back(std::move(a));
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::unique_ptr<Arena>>& free_list() {
+    static std::vector<std::unique_ptr<Arena>> pool;
+    return pool;
+  }
+};
+
+// Buffers of `counts[i]` elements of Acc carved from one leased arena
+// (uninitialised: every element is written before it is read).
+template <typename Acc>
+class Scratch {
+ public:
+  explicit Scratch(std::initializer_list<int64_t> counts) : arena_(ArenaPool::take()) {
+    size_t total = 0;
+    for (int64_t n : counts) total += round_up(size_t(std::max<int64_t>(n, 0)) * sizeof(Acc));
+    if (arena_->bytes < total) {
+      arena_->data.reset();
+      arena_->data.reset(new char[total]);
+      arena_->bytes = total;
+    }
+    size_t offset = 0;
+    for (int64_t n : counts) {
+      ptrs_.push_back(reinterpret_cast<Acc*>(arena_->data.get() + offset));
+      offset += round_up(size_t(std::max<int64_t>(n, 0)) * sizeof(Acc));
+    }
+  }
+  ~Scratch() { ArenaPool::give_back(std::move(arena_)); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Acc* operator[](size_t i) const { return ptrs_[i]; }
+
+ private:
+  static size_t round_up(size_t b) { return (b + 63) / 64 * 64; }
+  std::unique_ptr<ArenaPool::Arena> arena_;
+  std::vector<Acc*> ptrs_;
 };
 
 // Expert-sorted order of the T * k slots (moe_permute.h), on the host.

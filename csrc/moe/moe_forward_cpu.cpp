@@ -62,8 +62,11 @@ void forward_typed(const ForwardParams& p) {
   const Permutation perm = permute(in);
   const bool parallel = 2.0 * double(P) * double(D) * double(F) > kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
-  Buffer<Acc> xs(P * D), act(P * F), ys(P * D);
-  gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs.get());
+  const Scratch<Acc> bufs({P * D, P * F, P * D});
+  Acc* const xs = bufs[0];   // [P, D] gathered rows of x
+  Acc* const act = bufs[1];  // [P, F] w silu(g) u
+  Acc* const ys = bufs[2];   // [P, D] expert outputs
+  gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs);
 
   // 3. gate_up GEMM with SiLU * up and the routing weight on the tile.
   const std::vector<Task> gu_tasks = make_tasks(perm, E, F, kFfnChunk, false);
@@ -91,7 +94,7 @@ void forward_typed(const ForwardParams& p) {
         }
         for (int64_t r = begin; r < end; r += kRowBlock) {
           const int64_t m = std::min(kRowBlock, end - r);
-          const Acc* xr = xs.get() + r * D;
+          const Acc* xr = xs + r * D;
           if constexpr (kConvert) {
             if (direct) {
               gemm_nt_few_rows(m, n, D, xr, D, we + c * D, D, tile, 2 * n);
@@ -106,7 +109,7 @@ void forward_typed(const ForwardParams& p) {
             store_block<T, Acc>(tile, 2 * n, m, n, gate_up_out + r * 2 * F + c, 2 * F);
             store_block<T, Acc>(tile + n, 2 * n, m, n, gate_up_out + r * 2 * F + F + c, 2 * F);
           }
-          silu_mul_rows(tile, 2 * n, m, n, w.data() + r, act.get() + r * F + c, F);
+          silu_mul_rows(tile, 2 * n, m, n, w.data() + r, act + r * F + c, F);
         }
       });
 
@@ -122,12 +125,12 @@ void forward_typed(const ForwardParams& p) {
         const int64_t begin = perm.expert_offsets[e], rows = perm.rows(e);
         if constexpr (kConvert) {
           if (rows <= kFewRows) {
-            gemm_nt_few_rows(rows, n, F, act.get() + begin * F, F, wd_e, F, ys.get() + begin * D + d, D);
+            gemm_nt_few_rows(rows, n, F, act + begin * F, F, wd_e, F, ys + begin * D + d, D);
             return;
           }
         }
         const auto [wd, ldd] = block_as<T, Acc>(wd_e, F, n, F, scratch.get());
-        gemm<Acc>(false, true, rows, n, F, act.get() + begin * F, F, wd, ldd, Acc(0), ys.get() + begin * D + d, D);
+        gemm<Acc>(false, true, rows, n, F, act + begin * F, F, wd, ldd, Acc(0), ys + begin * D + d, D);
       });
 
   // 5. combine: y[t] = sum over the token's k slots, in slot order.
@@ -138,7 +141,7 @@ void forward_typed(const ForwardParams& p) {
     for (int64_t t = begin; t < end; ++t) {
       std::fill(row.begin(), row.end(), Acc(0));
       for (int64_t j = 0; j < k; ++j) {
-        const Acc* src = ys.get() + int64_t(perm.slot_pos[t * k + j]) * D;
+        const Acc* src = ys + int64_t(perm.slot_pos[t * k + j]) * D;
         for (int64_t d = 0; d < D; ++d) row[d] += src[d];
       }
       for (int64_t d = 0; d < D; ++d) y[t * D + d] = store_from<T>(row[d]);
