@@ -66,9 +66,16 @@ def fused_moe(
     Differentiable with respect to x, w_gate_up, w_down and topk_weights.
     Memory: for the backward the forward keeps its [T * k, 2F] gate/up
     pre-activations (x's dtype, expert-sorted rows), which saves the backward
-    a third GEMM (2 of its 8 units of work); the expert permutation and
-    silu(gate) * up are recomputed (O(T * k) and elementwise). Without
-    gradients nothing is kept.
+    a third GEMM (2 of its 8 units of work; bench/bench_moe.py measures the
+    trade); the expert permutation and silu(gate) * up are recomputed
+    (O(T * k) and elementwise). Without gradients nothing is kept.
+
+    Scratch: the CPU kernels take their large buffers (about 4 T k (2D + F)
+    bytes forward, 4 T k (3D + 3F) backward) from arenas that are reused across
+    calls and kept by the process, because first-touching fresh pages costs a
+    noticeable share of a call; CUDA uses torch's caching allocator. On CUDA
+    the op synchronises its stream once per call: it reads the per-expert
+    token counts back to size the grouped GEMMs (and learns of bad ids).
     """
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, w_gate_up, w_down, topk_weights)
@@ -119,16 +126,13 @@ def _fused_moe_setup_context(ctx, inputs, keyword_only_inputs, output):
     x, w_gate_up, w_down, topk_weights, topk_ids = inputs
     _, gate_up = output
     saved = gate_up if keyword_only_inputs.get("save_gate_up", False) else None
-    ctx.has_gate_up = saved is not None
     ctx.save_for_backward(x, w_gate_up, w_down, topk_weights, topk_ids, saved)
     ctx.mark_non_differentiable(gate_up)
 
 
 def _fused_moe_backward(ctx, grad_y, _grad_gate_up):
     x, w_gate_up, w_down, topk_weights, topk_ids, gate_up = ctx.saved_tensors
-    grads = torch.ops.m1.fused_moe_backward(
-        grad_y, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up if ctx.has_gate_up else None
-    )
+    grads = torch.ops.m1.fused_moe_backward(grad_y, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up)
     return (*grads, None)
 
 

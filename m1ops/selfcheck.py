@@ -106,7 +106,7 @@ def moe_cases() -> list[Case]:
             grads = torch.autograd.grad(y, leaves, g.double())
             return {"y": y, **dict(zip(names, grads))}
 
-        cases.append(Case("fused_moe (fwd+bwd)", f"T={T} D={D} F={F} E={E} k={k}", dtype, kernel, reference, tol))
+        cases.append(Case("fused_moe (fwd+bwd)", f"T{T} D{D} F{F} E{E} k{k}", dtype, kernel, reference, tol))
     return cases
 
 
