@@ -19,7 +19,9 @@ softmax top-2 routing of random logits. For each token count T and dtype, in one
 
 FLOPs: forward 6 T k D F; forward + backward 18 T k D F (m1 keeps the gate/up
 pre-activations, so its backward does 6 of the 9 units without recomputing).
-Times are medians; ratios compare numbers of the same run.
+Times are the best of N interleaved runs (the functions compared take turns,
+so they see the same load from other processes); ratios compare numbers of
+the same run.
 
 A second table measures that memory/time trade: m1's backward alone with the
 saved [T*k, 2F] pre-activations against the same backward recomputing them.
@@ -28,10 +30,12 @@ saved [T*k, 2F] pre-activations against the same backward recomputing them.
 from __future__ import annotations
 
 import argparse
+import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from common import print_table, time_ms, write_json
+from common import print_table, write_json
 
 import m1ops
 
@@ -54,11 +58,26 @@ def transformers_experts(x, w_gate_up, w_down, topk_weights, topk_ids):
     return final
 
 
-def adaptive_ms(fn, budget_s: float) -> float:
-    """Median time of fn with as many repeats (1..10) as fit in about budget_s."""
-    first = time_ms(fn, repeat=1, warmup=0)
-    repeat = max(1, min(10, int(budget_s * 1e3 / max(first, 1e-3))))
-    return time_ms(fn, repeat=repeat, warmup=1 if repeat > 1 else 0)
+def once_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], budget_s: float, max_repeat: int = 10) -> dict[str, float]:
+    """Best-of-N wall time (ms) of each fn. The fns run in turn, N times, so that
+    they see the same machine load (other processes share these cores); N fits
+    the budget. A first round warms up; when one round already exceeds the
+    budget, that round is the measurement (multi-second runs need no warm-up)."""
+    first = {k: once_ms(f) for k, f in fns.items()}
+    repeat = min(max_repeat, int(budget_s * 1e3 / max(sum(first.values()), 1e-3)))
+    if repeat < 1:
+        return first
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            times[k].append(once_ms(f))
+    return {k: min(v) for k, v in times.items()}
 
 
 def fwd_bwd(fn, x, w_gate_up, w_down, topk_weights, topk_ids, grad_y):
@@ -74,7 +93,7 @@ def fwd_bwd(fn, x, w_gate_up, w_down, topk_weights, topk_ids, grad_y):
 
 def memory_bandwidth_gbs() -> float:
     buf = torch.ones(64 * 2**20)  # 256 MB, well beyond the caches
-    ms = time_ms(lambda: buf.sum(), repeat=10, warmup=2)
+    ms = interleaved_ms({"sum": lambda: buf.sum()}, budget_s=1.0)["sum"]
     return buf.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -82,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 4096, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds per timed measurement (1 to 10 runs)")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds per comparison (1 to 10 rounds)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -94,7 +113,6 @@ def main() -> None:
         topk_weights, topk_ids = m1ops.moe_route(logits, K)
         hit = int(torch.unique(topk_ids).numel())
         dense_a, dense_b = torch.randn(T * K, D), torch.randn(D, 3 * FFN)
-        dense_ms = adaptive_ms(lambda: torch.mm(dense_a, dense_b), args.budget)
         fwd_flops = 6 * T * K * D * FFN
         for name in args.dtypes:
             dtype = getattr(torch, name)
@@ -104,10 +122,12 @@ def main() -> None:
             grad_y = torch.randn(T, D).to(dtype)
             inputs = (x, w_gate_up, w_down, topk_weights, topk_ids)
             with torch.no_grad():
-                m1_fwd = adaptive_ms(lambda: m1ops.fused_moe(*inputs), args.budget)
-                loop_fwd = adaptive_ms(lambda: transformers_experts(*inputs), args.budget)
-            m1_fb = adaptive_ms(fwd_bwd(m1ops.fused_moe, *inputs, grad_y), args.budget)
-            loop_fb = adaptive_ms(fwd_bwd(transformers_experts, *inputs, grad_y), args.budget)
+                fwd = interleaved_ms({"m1": lambda: m1ops.fused_moe(*inputs),
+                                      "loop": lambda: transformers_experts(*inputs),
+                                      "dense": lambda: torch.mm(dense_a, dense_b)}, args.budget)
+            fb = interleaved_ms({"m1": fwd_bwd(m1ops.fused_moe, *inputs, grad_y),
+                                 "loop": fwd_bwd(transformers_experts, *inputs, grad_y)}, args.budget)
+            m1_fwd, loop_fwd, dense_ms, m1_fb, loop_fb = fwd["m1"], fwd["loop"], fwd["dense"], fb["m1"], fb["loop"]
             weight_bytes = hit * 3 * FFN * D * x.element_size()
             floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
             rows.append(dict(
@@ -135,8 +155,9 @@ def main() -> None:
             grad_y = torch.randn(T, D).to(dtype)
             inputs = (x, w_gate_up, w_down, topk_weights, topk_ids)
             _, gate_up = torch.ops.m1.fused_moe(*inputs, save_gate_up=True)
-            saved = adaptive_ms(lambda: m1ops.fused_moe_backward(grad_y, *inputs, gate_up), args.budget)
-            recomputed = adaptive_ms(lambda: m1ops.fused_moe_backward(grad_y, *inputs, None), args.budget)
+            bwd = interleaved_ms({"saved": lambda: m1ops.fused_moe_backward(grad_y, *inputs, gate_up),
+                                  "recomputed": lambda: m1ops.fused_moe_backward(grad_y, *inputs, None)}, args.budget)
+            saved, recomputed = bwd["saved"], bwd["recomputed"]
             trade.append(dict(T=T, dtype=name, saved_mb=gate_up.numel() * gate_up.element_size() / 2**20,
                               bwd_saved_ms=saved, bwd_recomputed_ms=recomputed, recompute_cost=recomputed / saved))
     print()

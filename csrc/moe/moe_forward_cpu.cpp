@@ -30,8 +30,9 @@ namespace {
 
 using namespace cpu_detail;
 
-constexpr int64_t kFfnChunk = 128;  // gate/up columns per task: 2 x 128 x D fp32 weights
-constexpr int64_t kDimChunk = 128;  // down-projection output columns per task
+constexpr int64_t kFfnChunk = 256;  // gate/up columns per task: 2 x 256 x D weights
+constexpr int64_t kDimChunk = 256;  // down-projection output columns per task: 256 x F weights
+constexpr int64_t kDirectRows = 8;  // experts with at most this many rows skip sgemm (memory-bound: see gemm_nt_few_rows)
 constexpr int64_t kRowBlock = 256;  // rows per sgemm inside a task: the G/U tile stays in L2
 
 // act[i, j] = w_i * silu(g[i, j]) * u[i, j] for a [rows, n] tile whose gate and
@@ -51,7 +52,7 @@ M1_CPU_MULTIVERSION void silu_mul_rows(const Acc* __restrict gu, int64_t ld_gu, 
 template <typename T>
 void forward_typed(const ForwardParams& p) {
   using Acc = acc_t<T>;
-  constexpr bool kConvert = !std::is_same_v<T, Acc>;  // 16-bit storage
+  constexpr bool kFloat = std::is_same_v<Acc, float>;  // not the float64 path
   const MoeInputs& in = p.in;
   const int64_t D = in.shape.dim, F = in.shape.ffn, E = in.shape.experts, k = in.shape.topk;
   const int64_t P = in.shape.slots();
@@ -83,8 +84,9 @@ void forward_typed(const ForwardParams& p) {
         const int64_t begin = perm.expert_offsets[e], end = perm.expert_offsets[e + 1];
         Acc* wbuf = scratch.get();
         Acc* tile = wbuf + (std::is_same_v<T, Acc> ? 0 : 2 * kFfnChunk * D);
-        // Few rows and 16-bit weights: multiply straight from the weights (read once, half the bytes).
-        const bool direct = kConvert && end - begin <= kFewRows;
+        // Few rows: multiply straight from the weights (read once, no packing; for 16-bit
+        // weights half the bytes). Float64 keeps the plain loops.
+        const bool direct = kFloat && end - begin <= kDirectRows;
         const Acc* wg = nullptr;
         const Acc* wu = nullptr;
         int64_t ldw = D;
@@ -95,7 +97,7 @@ void forward_typed(const ForwardParams& p) {
         for (int64_t r = begin; r < end; r += kRowBlock) {
           const int64_t m = std::min(kRowBlock, end - r);
           const Acc* xr = xs + r * D;
-          if constexpr (kConvert) {
+          if constexpr (kFloat) {
             if (direct) {
               gemm_nt_few_rows(m, n, D, xr, D, we + c * D, D, tile, 2 * n);
               gemm_nt_few_rows(m, n, D, xr, D, we + (F + c) * D, D, tile + n, 2 * n);
@@ -123,8 +125,8 @@ void forward_typed(const ForwardParams& p) {
         const int64_t n = std::min(kDimChunk, D - d);
         const T* wd_e = w_down + e * D * F + d * F;  // rows d .. d + n of W_down[e]: [n, F]
         const int64_t begin = perm.expert_offsets[e], rows = perm.rows(e);
-        if constexpr (kConvert) {
-          if (rows <= kFewRows) {
+        if constexpr (kFloat) {
+          if (rows <= kDirectRows) {
             gemm_nt_few_rows(rows, n, F, act + begin * F, F, wd_e, F, ys + begin * D + d, D);
             return;
           }
