@@ -32,6 +32,12 @@ struct MoeShape {
   int64_t slots() const { return tokens * topk; }
 };
 
+// The GEMM path of the CPU kernels. kAuto: bf16 dot products (AVX512-BF16)
+// for bfloat16 inputs on CPUs that have them, fp32 tiles otherwise;
+// kFp32Tiles: always the portable fp32 path (the tests force it to cover both
+// paths on one machine; the glue always passes kAuto).
+enum class CpuGemm { kAuto, kFp32Tiles };
+
 // Inputs shared by the forward and the backward.
 struct MoeInputs {
   MoeShape shape;
@@ -45,6 +51,7 @@ struct MoeInputs {
   DType weight_dtype = DType::kFloat32;  // float32 (float64 with float64 x)
   const void* topk_ids = nullptr;      // [T, k] contiguous, int32 or int64
   bool ids_int64 = true;
+  CpuGemm cpu_gemm = CpuGemm::kAuto;   // CPU kernels only
 };
 
 struct ForwardParams {

@@ -92,14 +92,16 @@ void backward_typed(const BackwardParams& p) {
                         kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
   const int64_t ffn_chunks = (F + kFfnChunk - 1) / kFfnChunk;
-  const Scratch<Acc> bufs({P * D, P * D, p.gate_up ? 0 : P * 2 * F, P * F, P * 2 * F, P * ffn_chunks, P * D});
-  Acc* const xs = bufs[0];       // [P, D] gathered rows of x
-  Acc* const dys = bufs[1];      // [P, D] gathered rows of dy
-  Acc* const h_acc = bufs[2];    // [P, 2F] recomputed pre-activations (when not saved)
-  Acc* const aw = bufs[3];       // [P, F] w silu(g) u
-  Acc* const dh = bufs[4];       // [P, 2F] gradient of the pre-activations
-  Acc* const dw_part = bufs[5];  // [P, FFN chunks] partial d topk_weights
-  Acc* const dxs = bufs[6];      // [P, D] per-slot dx rows
+  const Scratch bufs({bytes_of<Acc>(P * D), bytes_of<Acc>(P * D), bytes_of<Acc>(p.gate_up ? 0 : P * 2 * F),
+                      bytes_of<Acc>(P * F), bytes_of<Acc>(P * 2 * F), bytes_of<Acc>(P * ffn_chunks),
+                      bytes_of<Acc>(P * D)});
+  Acc* const xs = bufs.get<Acc>(0);       // [P, D] gathered rows of x
+  Acc* const dys = bufs.get<Acc>(1);      // [P, D] gathered rows of dy
+  Acc* const h_acc = bufs.get<Acc>(2);    // [P, 2F] recomputed pre-activations (when not saved)
+  Acc* const aw = bufs.get<Acc>(3);       // [P, F] w silu(g) u
+  Acc* const dh = bufs.get<Acc>(4);       // [P, 2F] gradient of the pre-activations
+  Acc* const dw_part = bufs.get<Acc>(5);  // [P, FFN chunks] partial d topk_weights
+  Acc* const dxs = bufs.get<Acc>(6);      // [P, D] per-slot dx rows
   gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs);
   gather_rows(static_cast<const T*>(p.grad_y), p.grad_y_row_stride, D, perm, k, dys);
 

@@ -74,35 +74,43 @@ class ArenaPool {
   }
 };
 
-// Buffers of `counts[i]` elements of Acc carved from one leased arena
+// Buffers of `bytes[i]` bytes carved from one leased arena, 64-byte aligned
 // (uninitialised: every element is written before it is read).
-template <typename Acc>
 class Scratch {
  public:
-  explicit Scratch(std::initializer_list<int64_t> counts) : arena_(ArenaPool::take()) {
+  explicit Scratch(std::initializer_list<size_t> bytes) : arena_(ArenaPool::take()) {
     size_t total = 0;
-    for (int64_t n : counts) total += round_up(size_t(std::max<int64_t>(n, 0)) * sizeof(Acc));
+    for (size_t b : bytes) total += round_up(b);
     if (arena_->bytes < total) {
       arena_->data.reset();
       arena_->data.reset(new char[total]);
       arena_->bytes = total;
     }
     size_t offset = 0;
-    for (int64_t n : counts) {
-      ptrs_.push_back(reinterpret_cast<Acc*>(arena_->data.get() + offset));
-      offset += round_up(size_t(std::max<int64_t>(n, 0)) * sizeof(Acc));
+    for (size_t b : bytes) {
+      ptrs_.push_back(arena_->data.get() + offset);
+      offset += round_up(b);
     }
   }
   ~Scratch() { ArenaPool::give_back(std::move(arena_)); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
-  Acc* operator[](size_t i) const { return ptrs_[i]; }
+  template <typename X>
+  X* get(size_t i) const {
+    return reinterpret_cast<X*>(ptrs_[i]);
+  }
 
  private:
   static size_t round_up(size_t b) { return (b + 63) / 64 * 64; }
   std::unique_ptr<ArenaPool::Arena> arena_;
-  std::vector<Acc*> ptrs_;
+  std::vector<char*> ptrs_;
 };
+
+// Bytes of n elements of X (n may be 0).
+template <typename X>
+size_t bytes_of(int64_t n) {
+  return size_t(std::max<int64_t>(n, 0)) * sizeof(X);
+}
 
 // Expert-sorted order of the T * k slots (moe_permute.h), on the host.
 struct Permutation {
@@ -143,21 +151,32 @@ inline Permutation permute(const MoeInputs& in) {
                       : permute_typed(static_cast<const int32_t*>(in.topk_ids), slots, experts);
 }
 
-// dst[p, :] = Acc(src[token of sorted slot p, :]) for every position p: the
-// rows of a [T, D] tensor (row stride `ld`) in expert-sorted order.
-template <typename T, typename Acc>
-M1_CPU_MULTIVERSION void gather_rows_block(const T* __restrict src, int64_t ld, int64_t dim,
-                                           const int32_t* sorted_slots, int64_t topk, int64_t begin, int64_t end,
-                                           Acc* __restrict dst) {
-  for (int64_t p = begin; p < end; ++p) {
-    const T* __restrict row = src + slot_token(sorted_slots[p], topk) * ld;
-    Acc* __restrict out = dst + p * dim;
-    for (int64_t d = 0; d < dim; ++d) out[d] = load_as<Acc>(row[d]);
+// A value of storage type From as storage type To (a copy when they agree;
+// else through float, or double for double).
+template <typename To, typename From>
+M1_INLINE To cast_value(From x) {
+  if constexpr (std::is_same_v<To, From>) {
+    return x;
+  } else {
+    return store_from<To>(load_as<acc_t<To>>(x));
   }
 }
 
-template <typename T, typename Acc>
-void gather_rows(const T* src, int64_t ld, int64_t dim, const Permutation& perm, int64_t topk, Acc* dst) {
+// dst[p, :] = src[token of sorted slot p, :] (as type Out) for every position
+// p: the rows of a [T, D] tensor (row stride `ld`) in expert-sorted order.
+template <typename T, typename Out>
+M1_CPU_MULTIVERSION void gather_rows_block(const T* __restrict src, int64_t ld, int64_t dim,
+                                           const int32_t* sorted_slots, int64_t topk, int64_t begin, int64_t end,
+                                           Out* __restrict dst) {
+  for (int64_t p = begin; p < end; ++p) {
+    const T* __restrict row = src + slot_token(sorted_slots[p], topk) * ld;
+    Out* __restrict out = dst + p * dim;
+    for (int64_t d = 0; d < dim; ++d) out[d] = cast_value<Out>(row[d]);
+  }
+}
+
+template <typename T, typename Out>
+void gather_rows(const T* src, int64_t ld, int64_t dim, const Permutation& perm, int64_t topk, Out* dst) {
   const int64_t slots = int64_t(perm.sorted_slots.size());
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, dim));
   cpu::parallel_for(0, slots, grain, [&](int64_t begin, int64_t end) {

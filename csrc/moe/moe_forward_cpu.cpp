@@ -4,26 +4,34 @@
 // P = T * k slots, in expert-sorted order after the permutation (moe_permute.h).
 //
 //   1. permute: histogram / scan / stable scatter of the slot indices;
-//   2. gather:  xs[p] = x[token of slot p] as Acc                        [P, D]
+//   2. gather:  xs[p] = x[token of slot p]                                [P, D]
 //   3. gate_up: tasks (expert e, FFN columns c .. c + kFfnChunk):
 //                 G = xs_e Wg[e, c:]^T, U = xs_e Wu[e, c:]^T   on row blocks of kRowBlock,
 //                 then, on the tile still in cache: act[p, c:] = w_p silu(G) U  [P, F]
 //                 (and, when kept for the backward, gate_up[p] = (G, U));
 //   4. down:    tasks (expert e, model columns d .. d + kDimChunk):
-//                 ys[p, d:] = act_e Wd[e, d:, :]^T                           [P, D]
+//                 ys[p, d:] = act_e Wd[e, d:, :]^T                           [P, D] fp32
 //   5. combine: y[t] = sum_j ys[slot_pos[t k + j]], j = 0 .. k-1 in order.
 //
 // The routing weight is folded into act (w W_down a = W_down (w a)), so the
-// combine is a plain sum over k in fp32. Every GEMM is m1::cpu::sgemm on one
-// thread over contiguous Acc slabs; parallelism is over (expert, column chunk)
-// tasks handed out dynamically, which also splits a single busy expert.
-// bf16/fp16 weight blocks are converted to fp32 inside their task (once per
-// call: one task covers all rows of its expert).
+// combine is a plain sum over k in fp32. Parallelism is over (expert, column
+// chunk) tasks handed out dynamically, which also splits a single busy expert.
+// Two GEMM paths (CpuGemm in moe.h):
+//   fp32 tiles  (every CPU, every dtype): xs and act in Acc (fp32, or fp64);
+//               m1::cpu::sgemm on contiguous slabs, 16-bit weight blocks
+//               converted to fp32 inside their task (each weight once per
+//               call); experts with <= kDirectRows rows multiply straight from
+//               the weights instead (gemm_nt_few_rows: no packing, read once);
+//   bf16 dot    (bfloat16 inputs on CPUs with AVX512-BF16): xs and act stay
+//               bf16 and gemm_nt_bf16 multiplies them with the weights as
+//               they are (act is rounded to bf16, as in any bf16 MLP).
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "common/dispatch.h"
 #include "moe/moe_cpu_common.h"
+#include "moe/moe_gemm_bf16_cpu.h"
 
 namespace m1::moe {
 namespace {
@@ -36,22 +44,27 @@ constexpr int64_t kDirectRows = 8;  // experts with at most this many rows skip 
 constexpr int64_t kRowBlock = 256;  // rows per sgemm inside a task: the G/U tile stays in L2
 
 // act[i, j] = w_i * silu(g[i, j]) * u[i, j] for a [rows, n] tile whose gate and
-// up halves sit side by side in `gu` (row stride ld_gu); act has row stride ld_act.
-template <typename Acc>
+// up halves sit side by side in `gu` (row stride ld_gu); act (storage Out) has
+// row stride ld_act.
+template <typename Acc, typename Out>
 M1_CPU_MULTIVERSION void silu_mul_rows(const Acc* __restrict gu, int64_t ld_gu, int64_t rows, int64_t n,
-                                       const Acc* __restrict w, Acc* __restrict act, int64_t ld_act) {
+                                       const Acc* __restrict w, Out* __restrict act, int64_t ld_act) {
   for (int64_t i = 0; i < rows; ++i) {
     const Acc* __restrict g = gu + i * ld_gu;
     const Acc* __restrict u = g + n;
-    Acc* __restrict out = act + i * ld_act;
+    Out* __restrict out = act + i * ld_act;
     const Acc wi = w[i];
-    for (int64_t j = 0; j < n; ++j) out[j] = wi * (g[j] * sigmoid(g[j])) * u[j];
+    for (int64_t j = 0; j < n; ++j) out[j] = store_from<Out>(wi * (g[j] * sigmoid(g[j])) * u[j]);
   }
 }
 
-template <typename T>
-void forward_typed(const ForwardParams& p) {
+enum class Path { kFp32Tiles, kBf16Dot };
+
+template <typename T, Path kPath>
+void forward_path(const ForwardParams& p) {
   using Acc = acc_t<T>;
+  // Storage of the gathered rows and activations the GEMMs read.
+  using Op = std::conditional_t<kPath == Path::kBf16Dot, bf16, Acc>;
   constexpr bool kFloat = std::is_same_v<Acc, float>;  // not the float64 path
   const MoeInputs& in = p.in;
   const int64_t D = in.shape.dim, F = in.shape.ffn, E = in.shape.experts, k = in.shape.topk;
@@ -63,49 +76,54 @@ void forward_typed(const ForwardParams& p) {
   const Permutation perm = permute(in);
   const bool parallel = 2.0 * double(P) * double(D) * double(F) > kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
-  const Scratch<Acc> bufs({P * D, P * F, P * D});
-  Acc* const xs = bufs[0];   // [P, D] gathered rows of x
-  Acc* const act = bufs[1];  // [P, F] w silu(g) u
-  Acc* const ys = bufs[2];   // [P, D] expert outputs
+  const Scratch bufs({bytes_of<Op>(P * D), bytes_of<Op>(P * F), bytes_of<Acc>(P * D)});
+  Op* const xs = bufs.get<Op>(0);    // [P, D] gathered rows of x
+  Op* const act = bufs.get<Op>(1);   // [P, F] w silu(g) u
+  Acc* const ys = bufs.get<Acc>(2);  // [P, D] expert outputs
   gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs);
 
   // 3. gate_up GEMM with SiLU * up and the routing weight on the tile.
+  constexpr bool kConvertWeights = kPath == Path::kFp32Tiles && !std::is_same_v<T, Acc>;
+  const int64_t wbuf_size = kConvertWeights ? 2 * kFfnChunk * D : 0;  // converted [2 kFfnChunk, D] block
   const std::vector<Task> gu_tasks = make_tasks(perm, E, F, kFfnChunk, false);
   run_tasks(
       int64_t(gu_tasks.size()), parallel,
-      [&] {
-        // converted weight block [2 * kFfnChunk, D] (16-bit weights) + G|U tile [kRowBlock, 2 * kFfnChunk]
-        return Buffer<Acc>((std::is_same_v<T, Acc> ? 0 : 2 * kFfnChunk * D) + kRowBlock * 2 * kFfnChunk);
-      },
+      [&] { return Buffer<Acc>(wbuf_size + kRowBlock * 2 * kFfnChunk); },  // + the G|U tile
       [&](int64_t i, Buffer<Acc>& scratch) {
         const int64_t e = gu_tasks[i].expert, c = gu_tasks[i].chunk * kFfnChunk;
         const int64_t n = std::min(kFfnChunk, F - c);
-        const T* we = w_gate_up + e * 2 * F * D;
+        const T* wg_e = w_gate_up + e * 2 * F * D + c * D;  // gate rows c .. c + n: [n, D]
+        const T* wu_e = wg_e + F * D;                       // up rows F + c ..
         const int64_t begin = perm.expert_offsets[e], end = perm.expert_offsets[e + 1];
-        Acc* wbuf = scratch.get();
-        Acc* tile = wbuf + (std::is_same_v<T, Acc> ? 0 : 2 * kFfnChunk * D);
-        // Few rows: multiply straight from the weights (read once, no packing; for 16-bit
-        // weights half the bytes). Float64 keeps the plain loops.
+        Acc* tile = scratch.get() + wbuf_size;
+        // fp32 tiles: few rows multiply straight from the weights; else convert and sgemm.
         const bool direct = kFloat && end - begin <= kDirectRows;
         const Acc* wg = nullptr;
         const Acc* wu = nullptr;
         int64_t ldw = D;
-        if (!direct) {
-          std::tie(wg, ldw) = block_as<T, Acc>(we + c * D, D, n, D, wbuf);
-          std::tie(wu, ldw) = block_as<T, Acc>(we + (F + c) * D, D, n, D, wbuf + n * D);
+        if constexpr (kPath == Path::kFp32Tiles) {
+          if (!direct) {
+            std::tie(wg, ldw) = block_as<T, Acc>(wg_e, D, n, D, scratch.get());
+            std::tie(wu, ldw) = block_as<T, Acc>(wu_e, D, n, D, scratch.get() + n * D);
+          }
         }
         for (int64_t r = begin; r < end; r += kRowBlock) {
           const int64_t m = std::min(kRowBlock, end - r);
-          const Acc* xr = xs + r * D;
-          if constexpr (kFloat) {
-            if (direct) {
-              gemm_nt_few_rows(m, n, D, xr, D, we + c * D, D, tile, 2 * n);
-              gemm_nt_few_rows(m, n, D, xr, D, we + (F + c) * D, D, tile + n, 2 * n);
+          const Op* xr = xs + r * D;
+          if constexpr (kPath == Path::kBf16Dot) {
+            gemm_nt_bf16(m, n, D, xr, D, wg_e, D, tile, 2 * n);
+            gemm_nt_bf16(m, n, D, xr, D, wu_e, D, tile + n, 2 * n);
+          } else {
+            if constexpr (kFloat) {
+              if (direct) {
+                gemm_nt_few_rows(m, n, D, xr, D, wg_e, D, tile, 2 * n);
+                gemm_nt_few_rows(m, n, D, xr, D, wu_e, D, tile + n, 2 * n);
+              }
             }
-          }
-          if (!direct) {
-            gemm<Acc>(false, true, m, n, D, xr, D, wg, ldw, Acc(0), tile, 2 * n);
-            gemm<Acc>(false, true, m, n, D, xr, D, wu, ldw, Acc(0), tile + n, 2 * n);
+            if (!direct) {
+              gemm<Acc>(false, true, m, n, D, xr, D, wg, ldw, Acc(0), tile, 2 * n);
+              gemm<Acc>(false, true, m, n, D, xr, D, wu, ldw, Acc(0), tile + n, 2 * n);
+            }
           }
           if (gate_up_out) {
             store_block<T, Acc>(tile, 2 * n, m, n, gate_up_out + r * 2 * F + c, 2 * F);
@@ -118,21 +136,25 @@ void forward_typed(const ForwardParams& p) {
   // 4. down GEMM into the expert-sorted output rows.
   const std::vector<Task> down_tasks = make_tasks(perm, E, D, kDimChunk, false);
   run_tasks(
-      int64_t(down_tasks.size()), parallel,
-      [&] { return Buffer<Acc>(std::is_same_v<T, Acc> ? 0 : kDimChunk * F); },
+      int64_t(down_tasks.size()), parallel, [&] { return Buffer<Acc>(kConvertWeights ? kDimChunk * F : 0); },
       [&](int64_t i, Buffer<Acc>& scratch) {
         const int64_t e = down_tasks[i].expert, d = down_tasks[i].chunk * kDimChunk;
         const int64_t n = std::min(kDimChunk, D - d);
         const T* wd_e = w_down + e * D * F + d * F;  // rows d .. d + n of W_down[e]: [n, F]
         const int64_t begin = perm.expert_offsets[e], rows = perm.rows(e);
-        if constexpr (kFloat) {
-          if (rows <= kDirectRows) {
-            gemm_nt_few_rows(rows, n, F, act + begin * F, F, wd_e, F, ys + begin * D + d, D);
-            return;
+        Acc* out = ys + begin * D + d;
+        if constexpr (kPath == Path::kBf16Dot) {
+          gemm_nt_bf16(rows, n, F, act + begin * F, F, wd_e, F, out, D);
+        } else {
+          if constexpr (kFloat) {
+            if (rows <= kDirectRows) {
+              gemm_nt_few_rows(rows, n, F, act + begin * F, F, wd_e, F, out, D);
+              return;
+            }
           }
+          const auto [wd, ldd] = block_as<T, Acc>(wd_e, F, n, F, scratch.get());
+          gemm<Acc>(false, true, rows, n, F, act + begin * F, F, wd, ldd, Acc(0), out, D);
         }
-        const auto [wd, ldd] = block_as<T, Acc>(wd_e, F, n, F, scratch.get());
-        gemm<Acc>(false, true, rows, n, F, act + begin * F, F, wd, ldd, Acc(0), ys + begin * D + d, D);
       });
 
   // 5. combine: y[t] = sum over the token's k slots, in slot order.
@@ -149,6 +171,14 @@ void forward_typed(const ForwardParams& p) {
       for (int64_t d = 0; d < D; ++d) y[t * D + d] = store_from<T>(row[d]);
     }
   });
+}
+
+template <typename T>
+void forward_typed(const ForwardParams& p) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (p.in.cpu_gemm == CpuGemm::kAuto && cpu_has_bf16_dot()) return forward_path<T, Path::kBf16Dot>(p);
+  }
+  forward_path<T, Path::kFp32Tiles>(p);
 }
 
 }  // namespace

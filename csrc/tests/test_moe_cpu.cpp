@@ -5,6 +5,7 @@
 // direct 16-bit path) and busy ones (row blocks, several column chunks), and
 // a bad id that must throw before anything is written.
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <random>
 #include <stdexcept>
@@ -12,6 +13,7 @@
 
 #include "common/dtype.h"
 #include "moe/moe.h"
+#include "moe/moe_gemm_bf16_cpu.h"
 #include "tests/check.h"
 
 using namespace m1;
@@ -101,7 +103,7 @@ void round_to(std::vector<double>& v) {
 }
 
 template <typename T, typename Id>
-void run_case(DType dtype, double tol, Problem p, const char* what) {
+void run_case(DType dtype, double tol, Problem p, const char* what, CpuGemm path = CpuGemm::kAuto) {
   round_to<T>(p.x), round_to<T>(p.wgu), round_to<T>(p.wd), round_to<T>(p.dy);
   if (dtype != DType::kFloat64) round_to<float>(p.w);
   std::vector<double> y_ref, dx_ref, dwgu_ref, dwd_ref, dw_ref;
@@ -124,6 +126,7 @@ void run_case(DType dtype, double tol, Problem p, const char* what) {
   in.weight_dtype = dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
   in.topk_weights = dtype == DType::kFloat64 ? static_cast<const void*>(w64.data()) : w32.data();
   in.topk_ids = ids.data(), in.ids_int64 = sizeof(Id) == 8;
+  in.cpu_gemm = path;
 
   std::vector<T> y(static_cast<size_t>(p.T * p.D)), gate_up(static_cast<size_t>(p.T * p.k * 2 * p.F));
   ForwardParams fp;
@@ -189,8 +192,47 @@ void suite() {
   for (const Problem* p : {&small, &busy, &sparse, &single}) {
     run_case<float, Id>(DType::kFloat32, 1e-5, *p, "float32");
     run_case<double, Id>(DType::kFloat64, 1e-12, *p, "float64");
+    // bf16 on both GEMM paths (the AVX512-BF16 one when this CPU has it; it also
+    // rounds the activations feeding the down GEMM to bf16: same budget).
     run_case<bf16, Id>(DType::kBFloat16, 4 * 0.001953125, *p, "bfloat16");
+    run_case<bf16, Id>(DType::kBFloat16, 4 * 0.001953125, *p, "bfloat16 fp32 tiles", CpuGemm::kFp32Tiles);
     run_case<fp16, Id>(DType::kFloat16, 4 * 0.000244140625, *p, "float16");
+  }
+}
+
+// gemm_nt_bf16 against double sums, on tile edges and k tails, when the CPU has AVX512-BF16.
+void bf16_dot_gemm() {
+  if (!cpu_has_bf16_dot()) {
+    std::printf("AVX512-BF16 not available: gemm_nt_bf16 not tested on this CPU\n");
+    return;
+  }
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  for (int64_t m : {1, 3, 4, 5, 50}) {
+    for (int64_t n : {1, 4, 7}) {
+      for (int64_t k : {0, 1, 31, 32, 33, 100}) {
+        const int64_t lda = k + 5, ldb = k + 3, ldc = n + 2;
+        std::vector<bf16> a(static_cast<size_t>(m * lda)), b(static_cast<size_t>(n * ldb));
+        for (bf16& v : a) v = float_to_bf16(nd(rng));
+        for (bf16& v : b) v = float_to_bf16(nd(rng));
+        std::vector<float> c(static_cast<size_t>(m * ldc), 12345.f);
+        gemm_nt_bf16(m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc);
+        double e2 = 0, r2 = 0;
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) {
+            double want = 0;
+            for (int64_t q = 0; q < k; ++q)
+              want += double(bf16_to_float(a[size_t(i * lda + q)])) * bf16_to_float(b[size_t(j * ldb + q)]);
+            const double got = c[size_t(i * ldc + j)];
+            e2 += (got - want) * (got - want);
+            r2 += want * want;
+          }
+          for (int64_t j = n; j < ldc; ++j) M1_EXPECT(c[size_t(i * ldc + j)] == 12345.f, "wrote past n");
+        }
+        M1_EXPECT(std::sqrt(e2) <= 1e-6 * std::sqrt(r2) + 1e-30, "gemm_nt_bf16 m=%ld n=%ld k=%ld: err %.3e", long(m),
+                  long(n), long(k), std::sqrt(e2 / (r2 > 0 ? r2 : 1)));
+      }
+    }
   }
 }
 
@@ -218,6 +260,7 @@ void bad_id_throws() {
 int main() {
   suite<int64_t>();
   suite<int32_t>();
+  bf16_dot_gemm();
   bad_id_throws();
   M1_TEST_MAIN_END();
 }
