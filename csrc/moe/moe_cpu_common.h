@@ -26,6 +26,10 @@
 #include "moe/moe.h"
 #include "moe/moe_permute.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace m1::moe::cpu_detail {
 
 // Uninitialised per-worker buffer (a few MB at most; the large per-call
@@ -319,6 +323,64 @@ void gemm_nt_few_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t l
     for (int64_t i = 0; i < m; i += kFewRows)
       gemm_nt_few_rows_block(std::min(kFewRows, m - i), std::min(kBRows, n - j), k, a + i * lda, lda, b + j * ldb,
                              ldb, c + i * ldc + j, ldc);
+}
+
+// dst[j, i] = src[i, j] for a [rows, cols] block of 16-bit values (row
+// strides ld_src, ld_dst): 8 x 8 blocks through SSE2 unpacks (24 per 64
+// values) inside 64 x 64 tiles (8 KB each way, so the strided writes stay in
+// L1), a scalar loop on the edges.
+M1_CPU_MULTIVERSION inline void transpose16(const uint16_t* __restrict src, int64_t ld_src, int64_t rows,
+                                            int64_t cols, uint16_t* __restrict dst, int64_t ld_dst) {
+  constexpr int64_t kTileSide = 64;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTileSide) {
+    const int64_t i1 = std::min(rows, i0 + kTileSide);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTileSide) {
+      const int64_t j1 = std::min(cols, j0 + kTileSide);
+      int64_t i = i0;
+#if defined(__SSE2__)
+      for (; i + 8 <= i1; i += 8) {
+        int64_t j = j0;
+        for (; j + 8 <= j1; j += 8) {
+          __m128i r[8], t[8], u[8];
+          for (int q = 0; q < 8; ++q)
+            r[q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (i + q) * ld_src + j));
+          for (int q = 0; q < 4; ++q) {
+            t[2 * q] = _mm_unpacklo_epi16(r[2 * q], r[2 * q + 1]);
+            t[2 * q + 1] = _mm_unpackhi_epi16(r[2 * q], r[2 * q + 1]);
+          }
+          // u[0..3]: rows 0-3, column pairs 0-1, 2-3, 4-5, 6-7; u[4..7]: rows 4-7.
+          for (int h = 0; h < 2; ++h) {
+            u[4 * h + 0] = _mm_unpacklo_epi32(t[4 * h], t[4 * h + 2]);
+            u[4 * h + 1] = _mm_unpackhi_epi32(t[4 * h], t[4 * h + 2]);
+            u[4 * h + 2] = _mm_unpacklo_epi32(t[4 * h + 1], t[4 * h + 3]);
+            u[4 * h + 3] = _mm_unpackhi_epi32(t[4 * h + 1], t[4 * h + 3]);
+          }
+          for (int q = 0; q < 4; ++q) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (j + 2 * q) * ld_dst + i),
+                             _mm_unpacklo_epi64(u[q], u[q + 4]));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (j + 2 * q + 1) * ld_dst + i),
+                             _mm_unpackhi_epi64(u[q], u[q + 4]));
+          }
+        }
+        for (; j < j1; ++j)
+          for (int q = 0; q < 8; ++q) dst[j * ld_dst + i + q] = src[(i + q) * ld_src + j];
+      }
+#endif
+      for (; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
+  }
+}
+
+// transpose16 over many rows on the thread pool (each chunk of source rows
+// writes its own columns of dst).
+inline void transpose16_parallel(const uint16_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint16_t* dst,
+                                 int64_t ld_dst) {
+  const int64_t grain = std::max<int64_t>(8, ((int64_t(1) << 15) / std::max<int64_t>(1, cols)) / 8 * 8);
+  cpu::parallel_for(0, (rows + 7) / 8, std::max<int64_t>(1, grain / 8), [&](int64_t b, int64_t e) {
+    const int64_t r0 = b * 8, r1 = std::min(rows, e * 8);
+    transpose16(src + r0 * ld_src, ld_src, r1 - r0, cols, dst + r0, ld_dst);
+  });
 }
 
 // Plain loops for float64 (gradcheck-sized problems only): C = op(A) op(B) + beta C.
