@@ -25,6 +25,13 @@ the same run.
 
 A second table measures that memory/time trade: m1's backward alone with the
 saved [T*k, 2F] pre-activations against the same backward recomputing them.
+
+--cpu-time runs everything on one thread and measures process CPU time
+instead of wall time: on a machine shared with other jobs, wall-clock ratios
+swing by 10x (the loop's many small parallel regions suffer most from
+oversubscription), while one thread's CPU time barely moves. It answers a
+narrower question (single-core efficiency, no threading overheads) and says
+so in its JSON (results/moe_cpu_time.json).
 """
 
 from __future__ import annotations
@@ -58,10 +65,13 @@ def transformers_experts(x, w_gate_up, w_down, topk_weights, topk_ids):
     return final
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time on one thread
+
+
 def once_ms(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (CLOCK() - t0) * 1e3
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], budget_s: float, max_repeat: int = 10) -> dict[str, float]:
@@ -102,11 +112,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 4096, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per comparison (1 to 10 rounds)")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread, process CPU time (see above)")
     args = parser.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+        torch.set_num_threads(1)
 
     torch.manual_seed(0)
     bandwidth = memory_bandwidth_gbs()
-    print(f"D={D} F={FFN} E={E} k={K}, {torch.get_num_threads()} threads, memory read {bandwidth:.1f} GB/s")
+    print(f"D={D} F={FFN} E={E} k={K}, {torch.get_num_threads()} threads, "
+          f"{'process CPU time' if args.cpu_time else 'wall time'}, memory read {bandwidth:.1f} GB/s")
     rows = []
     for T in args.tokens:
         logits = torch.randn(T, E)
@@ -174,8 +190,9 @@ def main() -> None:
                             ("bwd_saved_ms", "bwd (saved h) ms", ".1f"),
                             ("bwd_recomputed_ms", "bwd (recompute h) ms", ".1f"),
                             ("recompute_cost", "recompute / saved", ".2f")])
-    write_json("moe", {"shape": dict(D=D, F=FFN, E=E, k=K), "memory_read_gbs": bandwidth, "rows": rows,
-                       "saved_vs_recomputed": trade})
+    write_json("moe_cpu_time" if args.cpu_time else "moe",
+               {"shape": dict(D=D, F=FFN, E=E, k=K), "clock": "process CPU time, 1 thread" if args.cpu_time else
+                "wall time", "memory_read_gbs": bandwidth, "rows": rows, "saved_vs_recomputed": trade})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@
 
 #include "common/dispatch.h"
 #include "moe/moe_cpu_common.h"
-#include "moe/moe_gemm_bf16_cpu.h"
+#include "moe/moe_gemm_avx512_cpu.h"
 
 namespace m1::moe {
 namespace {

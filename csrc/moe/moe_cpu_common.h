@@ -171,20 +171,23 @@ M1_INLINE To cast_value(From x) {
 template <typename T, typename Out>
 M1_CPU_MULTIVERSION void gather_rows_block(const T* __restrict src, int64_t ld, int64_t dim,
                                            const int32_t* sorted_slots, int64_t topk, int64_t begin, int64_t end,
-                                           Out* __restrict dst) {
+                                           Out* __restrict dst, int64_t ld_dst) {
   for (int64_t p = begin; p < end; ++p) {
     const T* __restrict row = src + slot_token(sorted_slots[p], topk) * ld;
-    Out* __restrict out = dst + p * dim;
+    Out* __restrict out = dst + p * ld_dst;
     for (int64_t d = 0; d < dim; ++d) out[d] = cast_value<Out>(row[d]);
   }
 }
 
+// (dst row stride ld_dst, dim by default)
 template <typename T, typename Out>
-void gather_rows(const T* src, int64_t ld, int64_t dim, const Permutation& perm, int64_t topk, Out* dst) {
+void gather_rows(const T* src, int64_t ld, int64_t dim, const Permutation& perm, int64_t topk, Out* dst,
+                 int64_t ld_dst = -1) {
+  if (ld_dst < 0) ld_dst = dim;
   const int64_t slots = int64_t(perm.sorted_slots.size());
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, dim));
   cpu::parallel_for(0, slots, grain, [&](int64_t begin, int64_t end) {
-    gather_rows_block(src, ld, dim, perm.sorted_slots.data(), topk, begin, end, dst);
+    gather_rows_block(src, ld, dim, perm.sorted_slots.data(), topk, begin, end, dst, ld_dst);
   });
 }
 

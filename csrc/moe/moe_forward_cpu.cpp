@@ -24,14 +24,18 @@
 //               the weights instead (gemm_nt_few_rows: no packing, read once);
 //   bf16 dot    (bfloat16 inputs on CPUs with AVX512-BF16): xs and act stay
 //               bf16 and gemm_nt_bf16 multiplies them with the weights as
-//               they are (act is rounded to bf16, as in any bf16 MLP).
+//               they are (act is rounded to bf16, as in any bf16 MLP);
+//   f32 avx512  (float32 inputs on CPUs with AVX-512): gemm_nt_f32, the same
+//               without conversions.
+// On the AVX-512 paths xs and act rows are padded (row stride + 16) so that
+// a power-of-two D or F does not put the kernel's four A rows in one cache set.
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
 
 #include "common/dispatch.h"
 #include "moe/moe_cpu_common.h"
-#include "moe/moe_gemm_bf16_cpu.h"
+#include "moe/moe_gemm_avx512_cpu.h"
 
 namespace m1::moe {
 namespace {
@@ -58,7 +62,7 @@ M1_CPU_MULTIVERSION void silu_mul_rows(const Acc* __restrict gu, int64_t ld_gu, 
   }
 }
 
-enum class Path { kFp32Tiles, kBf16Dot };
+enum class Path { kFp32Tiles, kBf16Dot, kF32Avx512 };
 
 template <typename T, Path kPath>
 void forward_path(const ForwardParams& p) {
@@ -66,6 +70,7 @@ void forward_path(const ForwardParams& p) {
   // Storage of the gathered rows and activations the GEMMs read.
   using Op = std::conditional_t<kPath == Path::kBf16Dot, bf16, Acc>;
   constexpr bool kFloat = std::is_same_v<Acc, float>;  // not the float64 path
+  constexpr bool kAvx512 = kPath != Path::kFp32Tiles;
   const MoeInputs& in = p.in;
   const int64_t D = in.shape.dim, F = in.shape.ffn, E = in.shape.experts, k = in.shape.topk;
   const int64_t P = in.shape.slots();
@@ -76,11 +81,12 @@ void forward_path(const ForwardParams& p) {
   const Permutation perm = permute(in);
   const bool parallel = 2.0 * double(P) * double(D) * double(F) > kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
-  const Scratch bufs({bytes_of<Op>(P * D), bytes_of<Op>(P * F), bytes_of<Acc>(P * D)});
-  Op* const xs = bufs.get<Op>(0);    // [P, D] gathered rows of x
-  Op* const act = bufs.get<Op>(1);   // [P, F] w silu(g) u
+  const int64_t ldx = kAvx512 ? D + 16 : D, lda = kAvx512 ? F + 16 : F;  // row strides of xs, act
+  const Scratch bufs({bytes_of<Op>(P * ldx), bytes_of<Op>(P * lda), bytes_of<Acc>(P * D)});
+  Op* const xs = bufs.get<Op>(0);    // [P, D] gathered rows of x (row stride ldx)
+  Op* const act = bufs.get<Op>(1);   // [P, F] w silu(g) u (row stride lda)
   Acc* const ys = bufs.get<Acc>(2);  // [P, D] expert outputs
-  gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs);
+  gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, perm, k, xs, ldx);
 
   // 3. gate_up GEMM with SiLU * up and the routing weight on the tile.
   constexpr bool kConvertWeights = kPath == Path::kFp32Tiles && !std::is_same_v<T, Acc>;
@@ -96,8 +102,9 @@ void forward_path(const ForwardParams& p) {
         const T* wu_e = wg_e + F * D;                       // up rows F + c ..
         const int64_t begin = perm.expert_offsets[e], end = perm.expert_offsets[e + 1];
         Acc* tile = scratch.get() + wbuf_size;
-        // fp32 tiles: few rows multiply straight from the weights; else convert and sgemm.
-        const bool direct = kFloat && end - begin <= kDirectRows;
+        // Few rows (fp32 tiles, f32 avx512): multiply straight from the weights with the
+        // memory-bound kernel; else convert and sgemm (or the AVX-512 kernel).
+        const bool direct = kFloat && kPath != Path::kBf16Dot && end - begin <= kDirectRows;
         const Acc* wg = nullptr;
         const Acc* wu = nullptr;
         int64_t ldw = D;
@@ -109,27 +116,35 @@ void forward_path(const ForwardParams& p) {
         }
         for (int64_t r = begin; r < end; r += kRowBlock) {
           const int64_t m = std::min(kRowBlock, end - r);
-          const Op* xr = xs + r * D;
+          const Op* xr = xs + r * ldx;
           if constexpr (kPath == Path::kBf16Dot) {
-            gemm_nt_bf16(m, n, D, xr, D, wg_e, D, tile, 2 * n);
-            gemm_nt_bf16(m, n, D, xr, D, wu_e, D, tile + n, 2 * n);
+            gemm_nt_bf16(m, n, D, xr, ldx, wg_e, D, tile, 2 * n);
+            gemm_nt_bf16(m, n, D, xr, ldx, wu_e, D, tile + n, 2 * n);
+          } else if constexpr (kPath == Path::kF32Avx512) {
+            if (direct) {
+              gemm_nt_few_rows(m, n, D, xr, ldx, wg_e, D, tile, 2 * n);
+              gemm_nt_few_rows(m, n, D, xr, ldx, wu_e, D, tile + n, 2 * n);
+            } else {
+              gemm_nt_f32(m, n, D, xr, ldx, wg_e, D, tile, 2 * n);
+              gemm_nt_f32(m, n, D, xr, ldx, wu_e, D, tile + n, 2 * n);
+            }
           } else {
             if constexpr (kFloat) {
               if (direct) {
-                gemm_nt_few_rows(m, n, D, xr, D, wg_e, D, tile, 2 * n);
-                gemm_nt_few_rows(m, n, D, xr, D, wu_e, D, tile + n, 2 * n);
+                gemm_nt_few_rows(m, n, D, xr, ldx, wg_e, D, tile, 2 * n);
+                gemm_nt_few_rows(m, n, D, xr, ldx, wu_e, D, tile + n, 2 * n);
               }
             }
             if (!direct) {
-              gemm<Acc>(false, true, m, n, D, xr, D, wg, ldw, Acc(0), tile, 2 * n);
-              gemm<Acc>(false, true, m, n, D, xr, D, wu, ldw, Acc(0), tile + n, 2 * n);
+              gemm<Acc>(false, true, m, n, D, xr, ldx, wg, ldw, Acc(0), tile, 2 * n);
+              gemm<Acc>(false, true, m, n, D, xr, ldx, wu, ldw, Acc(0), tile + n, 2 * n);
             }
           }
           if (gate_up_out) {
             store_block<T, Acc>(tile, 2 * n, m, n, gate_up_out + r * 2 * F + c, 2 * F);
             store_block<T, Acc>(tile + n, 2 * n, m, n, gate_up_out + r * 2 * F + F + c, 2 * F);
           }
-          silu_mul_rows(tile, 2 * n, m, n, w.data() + r, act + r * F + c, F);
+          silu_mul_rows(tile, 2 * n, m, n, w.data() + r, act + r * lda + c, lda);
         }
       });
 
@@ -144,16 +159,22 @@ void forward_path(const ForwardParams& p) {
         const int64_t begin = perm.expert_offsets[e], rows = perm.rows(e);
         Acc* out = ys + begin * D + d;
         if constexpr (kPath == Path::kBf16Dot) {
-          gemm_nt_bf16(rows, n, F, act + begin * F, F, wd_e, F, out, D);
+          gemm_nt_bf16(rows, n, F, act + begin * lda, lda, wd_e, F, out, D);
+        } else if constexpr (kPath == Path::kF32Avx512) {
+          if (rows <= kDirectRows) {
+            gemm_nt_few_rows(rows, n, F, act + begin * lda, lda, wd_e, F, out, D);
+          } else {
+            gemm_nt_f32(rows, n, F, act + begin * lda, lda, wd_e, F, out, D);
+          }
         } else {
           if constexpr (kFloat) {
             if (rows <= kDirectRows) {
-              gemm_nt_few_rows(rows, n, F, act + begin * F, F, wd_e, F, out, D);
+              gemm_nt_few_rows(rows, n, F, act + begin * lda, lda, wd_e, F, out, D);
               return;
             }
           }
           const auto [wd, ldd] = block_as<T, Acc>(wd_e, F, n, F, scratch.get());
-          gemm<Acc>(false, true, rows, n, F, act + begin * F, F, wd, ldd, Acc(0), out, D);
+          gemm<Acc>(false, true, rows, n, F, act + begin * lda, lda, wd, ldd, Acc(0), out, D);
         }
       });
 
@@ -175,8 +196,12 @@ void forward_path(const ForwardParams& p) {
 
 template <typename T>
 void forward_typed(const ForwardParams& p) {
+  const bool auto_path = p.in.cpu_gemm == CpuGemm::kAuto;
   if constexpr (std::is_same_v<T, bf16>) {
-    if (p.in.cpu_gemm == CpuGemm::kAuto && cpu_has_bf16_dot()) return forward_path<T, Path::kBf16Dot>(p);
+    if (auto_path && cpu_has_bf16_dot()) return forward_path<T, Path::kBf16Dot>(p);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (auto_path && cpu_has_avx512()) return forward_path<T, Path::kF32Avx512>(p);
   }
   forward_path<T, Path::kFp32Tiles>(p);
 }
