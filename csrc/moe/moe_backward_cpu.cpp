@@ -79,14 +79,24 @@ M1_CPU_MULTIVERSION void act_grad_rows(const H* __restrict g, const H* __restric
   }
 }
 
-enum class Path { kFp32Tiles, kBf16Dot };
+enum class Path { kFp32Tiles, kBf16Dot, kF32Avx512 };
+
+// The AVX-512 NT kernel of an operand type.
+inline void gemm_nt(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float* c,
+                    int64_t ldc) {
+  gemm_nt_bf16(m, n, k, a, lda, b, ldb, c, ldc);
+}
+inline void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc) {
+  gemm_nt_f32(m, n, k, a, lda, b, ldb, c, ldc);
+}
 
 template <typename T, Path kPath>
 void backward_path(const BackwardParams& p) {
   using Acc = acc_t<T>;
   // Storage of the operands the GEMMs read (gathered rows, aw, dh).
   using Op = std::conditional_t<kPath == Path::kBf16Dot, bf16, Acc>;
-  constexpr bool kDot = kPath == Path::kBf16Dot;
+  constexpr bool kDot = kPath != Path::kFp32Tiles;  // the AVX-512 NT kernels (bf16 dot or fp32)
   constexpr bool kConvert = !kDot && !std::is_same_v<T, Acc>;  // fp32 tiles of 16-bit weights
   const MoeInputs& in = p.in;
   const int64_t T_ = in.shape.tokens, D = in.shape.dim, F = in.shape.ffn, E = in.shape.experts;
@@ -100,9 +110,11 @@ void backward_path(const BackwardParams& p) {
                         kParallelFlops;
   const std::vector<Acc> w = gather_weights<Acc>(in, perm);
   const int64_t ffn_chunks = (F + kFfnChunk - 1) / kFfnChunk;
-  // bf16 dot path: the weight gradients multiply over the expert's rows, so
-  // their operands are transposed ([X, P], row stride ldt; padded so that the
-  // columns of a power-of-two P do not all fall into one cache set).
+  // AVX-512 paths: the NT kernels read both operands along k, so the weight
+  // gradients (a sum over the expert's rows) read transposed activations
+  // ([X, P], row stride ldt; padded so that the columns of a power-of-two P
+  // do not all fall into one cache set), and the data gradients read
+  // transposed weight blocks.
   const int64_t ldt = P + 40, nt = kDot ? ldt : 0;
   const Scratch bufs({bytes_of<Op>(P * D), bytes_of<Op>(P * D), bytes_of<Acc>(p.gate_up ? 0 : P * 2 * F),
                       bytes_of<Op>(P * F), bytes_of<Op>(P * 2 * F), bytes_of<Acc>(P * ffn_chunks),
@@ -115,7 +127,7 @@ void backward_path(const BackwardParams& p) {
   Op* const dh = bufs.get<Op>(4);         // [P, 2F] gradient of the pre-activations
   Acc* const dw_part = bufs.get<Acc>(5);  // [P, FFN chunks] partial d topk_weights
   Acc* const dxs = bufs.get<Acc>(6);      // [P, D] per-slot dx rows
-  Op* const xs_t = bufs.get<Op>(7);       // bf16 dot: [D, P] = xs^T
+  Op* const xs_t = bufs.get<Op>(7);       // AVX-512: [D, P] = xs^T
   Op* const dys_t = bufs.get<Op>(8);      //           [D, P] = dys^T
   Op* const aw_t = bufs.get<Op>(9);       //           [F, P] = aw^T
   Op* const dh_t = bufs.get<Op>(10);      //           [2F, P] = dh^T
@@ -134,8 +146,8 @@ void backward_path(const BackwardParams& p) {
           const int64_t r = perm.expert_offsets[e], m = perm.rows(e);
           Acc* hg = h_acc + r * 2 * F + c;
           if constexpr (kDot) {
-            gemm_nt_bf16(m, n, D, xs + r * D, D, wg_e, D, hg, 2 * F);
-            gemm_nt_bf16(m, n, D, xs + r * D, D, wu_e, D, hg + F, 2 * F);
+            gemm_nt(m, n, D, xs + r * D, D, wg_e, D, hg, 2 * F);
+            gemm_nt(m, n, D, xs + r * D, D, wu_e, D, hg + F, 2 * F);
           } else {
             const auto [wg, ldg] = block_as<T, Acc>(wg_e, D, n, D, scratch.get());
             const auto [wu, ldu] = block_as<T, Acc>(wu_e, D, n, D, scratch.get() + n * D);
@@ -145,10 +157,11 @@ void backward_path(const BackwardParams& p) {
         });
   }
 
-  // 3. dA = dy W_down and the activation gradients on the tile. The bf16 dot
-  // path multiplies dys by the transposed [n, D] block of W_down[e][:, c:].
+  // 3. dA = dy W_down and the activation gradients on the tile. The AVX-512
+  // paths multiply dys by the transposed [n, D] block of W_down[e][:, c:].
   const int64_t ldwt = D + 16;  // transposed weight block row stride (padded, as ldt)
-  const int64_t wblock = kDot ? (kFfnChunk * ldwt + 1) / 2 : (kConvert ? D * kFfnChunk : 0);  // in Acc units
+  const int64_t wblock = kDot ? (kFfnChunk * ldwt * int64_t(sizeof(Op)) + int64_t(sizeof(Acc)) - 1) / int64_t(sizeof(Acc))
+                              : (kConvert ? D * kFfnChunk : 0);  // in Acc units
   const std::vector<Task> act_tasks = make_tasks(perm, E, F, kFfnChunk, false);
   run_tasks(
       int64_t(act_tasks.size()), parallel, [&] { return Buffer<Acc>(wblock + kRowBlock * kFfnChunk); },
@@ -162,7 +175,7 @@ void backward_path(const BackwardParams& p) {
         Op* wd_t = nullptr;
         if constexpr (kDot) {
           wd_t = reinterpret_cast<Op*>(scratch.get());
-          transpose16(reinterpret_cast<const uint16_t*>(wd_e), F, D, n, reinterpret_cast<uint16_t*>(wd_t), ldwt);
+          transpose_block(wd_e, F, D, n, wd_t, ldwt);
         } else {
           std::tie(wd, ldd) = block_as<T, Acc>(wd_e, F, D, n, scratch.get());
         }
@@ -170,7 +183,7 @@ void backward_path(const BackwardParams& p) {
         for (int64_t r = begin; r < end; r += kRowBlock) {
           const int64_t m = std::min(kRowBlock, end - r);
           if constexpr (kDot) {
-            gemm_nt_bf16(m, n, D, dys + r * D, D, wd_t, ldwt, da, n);
+            gemm_nt(m, n, D, dys + r * D, D, wd_t, ldwt, da, n);
           } else {
             gemm<Acc>(false, false, m, n, D, dys + r * D, D, wd, ldd, Acc(0), da, n);
           }
@@ -188,12 +201,10 @@ void backward_path(const BackwardParams& p) {
         }
       });
   if constexpr (kDot) {
-    auto t16 = [](const Op* x) { return reinterpret_cast<const uint16_t*>(x); };
-    auto w16 = [](Op* x) { return reinterpret_cast<uint16_t*>(x); };
-    transpose16_parallel(t16(xs), D, P, D, w16(xs_t), ldt);
-    transpose16_parallel(t16(dys), D, P, D, w16(dys_t), ldt);
-    transpose16_parallel(t16(aw), F, P, F, w16(aw_t), ldt);
-    transpose16_parallel(t16(dh), 2 * F, P, 2 * F, w16(dh_t), ldt);
+    transpose_parallel(xs, D, P, D, xs_t, ldt);
+    transpose_parallel(dys, D, P, D, dys_t, ldt);
+    transpose_parallel(aw, F, P, F, aw_t, ldt);
+    transpose_parallel(dh, 2 * F, P, 2 * F, dh_t, ldt);
   }
 
   // 4. weight gradients and dx rows.
@@ -216,9 +227,11 @@ void backward_path(const BackwardParams& p) {
   T* gw_down = static_cast<T*>(p.grad_w_down);
   T* gw_gate_up = static_cast<T*>(p.grad_w_gate_up);
   constexpr bool kTileOut = !std::is_same_v<T, Acc>;  // weight gradients via an Acc tile
-  const int64_t ldgt = 2 * F + 16;                     // transposed W_gate_up block row stride (bf16 dot)
+  const int64_t ldgt = 2 * F + 16;                     // transposed W_gate_up block row stride (AVX-512)
   const int64_t out_tile = kTileOut ? std::max(kRowChunk * F, kRowChunk * D) : 0;
-  const int64_t wgu_block = kDot ? (kDimChunk * ldgt + 1) / 2 : (kConvert ? 2 * F * kDimChunk : 0);
+  const int64_t wgu_block = kDot ? (kDimChunk * ldgt * int64_t(sizeof(Op)) + int64_t(sizeof(Acc)) - 1) /
+                                       int64_t(sizeof(Acc))
+                                 : (kConvert ? 2 * F * kDimChunk : 0);
   run_tasks(
       int64_t(grad_tasks.size()), parallel, [&] { return Buffer<Acc>(std::max(out_tile, wgu_block)); },
       [&](int64_t i, Buffer<Acc>& scratch) {
@@ -229,7 +242,7 @@ void backward_path(const BackwardParams& p) {
           T* out = gw_down + e * D * F + d * F;
           Acc* acc = kTileOut ? scratch.get() : reinterpret_cast<Acc*>(out);
           if constexpr (kDot) {
-            gemm_nt_bf16(n, F, m, dys_t + d * ldt + r, ldt, aw_t + r, ldt, acc, F);
+            gemm_nt(n, F, m, dys_t + d * ldt + r, ldt, aw_t + r, ldt, acc, F);
           } else {
             gemm<Acc>(true, false, n, F, m, dys + r * D + d, D, aw + r * F, F, Acc(0), acc, F);
           }
@@ -239,7 +252,7 @@ void backward_path(const BackwardParams& p) {
           T* out = gw_gate_up + e * 2 * F * D + q * D;
           Acc* acc = kTileOut ? scratch.get() : reinterpret_cast<Acc*>(out);
           if constexpr (kDot) {
-            gemm_nt_bf16(n, D, m, dh_t + q * ldt + r, ldt, xs_t + r, ldt, acc, D);
+            gemm_nt(n, D, m, dh_t + q * ldt + r, ldt, xs_t + r, ldt, acc, D);
           } else {
             gemm<Acc>(true, false, n, D, m, dh + r * 2 * F + q, 2 * F, xs + r * D, D, Acc(0), acc, D);
           }
@@ -249,9 +262,8 @@ void backward_path(const BackwardParams& p) {
           const T* wgu_e = w_gate_up + e * 2 * F * D + d;  // [2F, n], row stride D
           if constexpr (kDot) {
             Op* wgu_t = reinterpret_cast<Op*>(scratch.get());  // [n, 2F]
-            transpose16(reinterpret_cast<const uint16_t*>(wgu_e), D, 2 * F, n, reinterpret_cast<uint16_t*>(wgu_t),
-                        ldgt);
-            gemm_nt_bf16(m, n, 2 * F, dh + r * 2 * F, 2 * F, wgu_t, ldgt, dxs + r * D + d, D);
+            transpose_block(wgu_e, D, 2 * F, n, wgu_t, ldgt);
+            gemm_nt(m, n, 2 * F, dh + r * 2 * F, 2 * F, wgu_t, ldgt, dxs + r * D + d, D);
           } else {
             const auto [wgu, ldw] = block_as<T, Acc>(wgu_e, D, 2 * F, n, scratch.get());
             gemm<Acc>(false, false, m, n, 2 * F, dh + r * 2 * F, 2 * F, wgu, ldw, Acc(0), dxs + r * D + d, D);
@@ -285,8 +297,12 @@ void backward_path(const BackwardParams& p) {
 
 template <typename T>
 void backward_typed(const BackwardParams& p) {
+  const bool auto_path = p.in.cpu_gemm == CpuGemm::kAuto;
   if constexpr (std::is_same_v<T, bf16>) {
-    if (p.in.cpu_gemm == CpuGemm::kAuto && cpu_has_bf16_dot()) return backward_path<T, Path::kBf16Dot>(p);
+    if (auto_path && cpu_has_bf16_dot()) return backward_path<T, Path::kBf16Dot>(p);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (auto_path && cpu_has_avx512()) return backward_path<T, Path::kF32Avx512>(p);
   }
   backward_path<T, Path::kFp32Tiles>(p);
 }

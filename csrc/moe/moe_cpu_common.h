@@ -28,6 +28,7 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <xmmintrin.h>
 #endif
 
 namespace m1::moe::cpu_detail {
@@ -375,14 +376,53 @@ M1_CPU_MULTIVERSION inline void transpose16(const uint16_t* __restrict src, int6
   }
 }
 
-// transpose16 over many rows on the thread pool (each chunk of source rows
-// writes its own columns of dst).
-inline void transpose16_parallel(const uint16_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint16_t* dst,
-                                 int64_t ld_dst) {
-  const int64_t grain = std::max<int64_t>(8, ((int64_t(1) << 15) / std::max<int64_t>(1, cols)) / 8 * 8);
-  cpu::parallel_for(0, (rows + 7) / 8, std::max<int64_t>(1, grain / 8), [&](int64_t b, int64_t e) {
+// The same for 32-bit values: 4 x 4 blocks through SSE shuffles inside 64 x 64 tiles.
+M1_CPU_MULTIVERSION inline void transpose32(const float* __restrict src, int64_t ld_src, int64_t rows, int64_t cols,
+                                            float* __restrict dst, int64_t ld_dst) {
+  constexpr int64_t kTileSide = 64;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTileSide) {
+    const int64_t i1 = std::min(rows, i0 + kTileSide);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTileSide) {
+      const int64_t j1 = std::min(cols, j0 + kTileSide);
+      int64_t i = i0;
+#if defined(__SSE2__)
+      for (; i + 4 <= i1; i += 4) {
+        int64_t j = j0;
+        for (; j + 4 <= j1; j += 4) {
+          __m128 r0 = _mm_loadu_ps(src + (i + 0) * ld_src + j), r1 = _mm_loadu_ps(src + (i + 1) * ld_src + j);
+          __m128 r2 = _mm_loadu_ps(src + (i + 2) * ld_src + j), r3 = _mm_loadu_ps(src + (i + 3) * ld_src + j);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          _mm_storeu_ps(dst + (j + 0) * ld_dst + i, r0);
+          _mm_storeu_ps(dst + (j + 1) * ld_dst + i, r1);
+          _mm_storeu_ps(dst + (j + 2) * ld_dst + i, r2);
+          _mm_storeu_ps(dst + (j + 3) * ld_dst + i, r3);
+        }
+        for (; j < j1; ++j)
+          for (int q = 0; q < 4; ++q) dst[j * ld_dst + i + q] = src[(i + q) * ld_src + j];
+      }
+#endif
+      for (; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
+  }
+}
+
+// Transposes of the two operand types the AVX-512 kernels read.
+inline void transpose_block(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
+  transpose16(reinterpret_cast<const uint16_t*>(src), ld_src, rows, cols, reinterpret_cast<uint16_t*>(dst), ld_dst);
+}
+inline void transpose_block(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  transpose32(src, ld_src, rows, cols, dst, ld_dst);
+}
+
+// transpose_block over many rows on the thread pool (each chunk of source
+// rows writes its own columns of dst).
+template <typename X>
+void transpose_parallel(const X* src, int64_t ld_src, int64_t rows, int64_t cols, X* dst, int64_t ld_dst) {
+  const int64_t grain = std::max<int64_t>(1, ((int64_t(1) << 15) / std::max<int64_t>(1, cols)) / 8);
+  cpu::parallel_for(0, (rows + 7) / 8, grain, [&](int64_t b, int64_t e) {
     const int64_t r0 = b * 8, r1 = std::min(rows, e * 8);
-    transpose16(src + r0 * ld_src, ld_src, r1 - r0, cols, dst + r0, ld_dst);
+    transpose_block(src + r0 * ld_src, ld_src, r1 - r0, cols, dst + r0, ld_dst);
   });
 }
 
