@@ -47,7 +47,7 @@ M1_TARGET_AVX512 inline float hsum(__m512 v) {
 
 template <int MR, int NR>
 M1_TARGET_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c,
-                            int64_t ldc) {
+                            int64_t ldc, const uint16_t* next_b) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
@@ -55,6 +55,10 @@ M1_TARGET_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, const uin
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t p = 0;
   for (; p + 32 <= k; p += 32) {
+    if (next_b) {  // the next B block's rows, one 64-byte line each per step
+#pragma GCC unroll 4
+      for (int j = 0; j < kTile; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_b + j * ldb + p), _MM_HINT_T0);
+    }
     __m512i av[MR], bv[NR];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_si512(a + i * lda + p);
@@ -85,7 +89,7 @@ M1_TARGET_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, const uin
 
 template <int MR, int NR>
 M1_TARGET_AVX512 void tile_nt_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                                  int64_t ldc) {
+                                  int64_t ldc, const float* next_b) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
@@ -93,6 +97,10 @@ M1_TARGET_AVX512 void tile_nt_f32(int64_t k, const float* a, int64_t lda, const 
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t p = 0;
   for (; p + 16 <= k; p += 16) {
+    if (next_b) {
+#pragma GCC unroll 4
+      for (int j = 0; j < kTile; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_b + j * ldb + p), _MM_HINT_T0);
+    }
     __m512 av[MR], bv[NR];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_ps(a + i * lda + p);
@@ -122,7 +130,7 @@ M1_TARGET_AVX512 void tile_nt_f32(int64_t k, const float* a, int64_t lda, const 
 }
 
 template <typename E>
-using TileFn = void (*)(int64_t, const E*, int64_t, const E*, int64_t, float*, int64_t);
+using TileFn = void (*)(int64_t, const E*, int64_t, const E*, int64_t, float*, int64_t, const E*);
 
 // kBf16Tiles[MR - 1][NR - 1], kF32Tiles[MR - 1][NR - 1]
 constexpr TileFn<uint16_t> kBf16Tiles[kTile][kTile] = {
@@ -146,9 +154,12 @@ void run_tiles(const TileFn<E> (&tiles)[kTile][kTile], int64_t m, int64_t n, int
     const int64_t i1 = std::min(m, i0 + kPanel);
     for (int64_t j = 0; j < n; j += kTile) {
       const int nr = int(std::min<int64_t>(kTile, n - j));
+      // The first tile of the panel prefetches the next full block of B (from memory:
+      // weights are read once per call), the others find this one in L1.
+      const E* next_b = j + 2 * kTile <= n ? b + (j + kTile) * ldb : nullptr;
       for (int64_t i = i0; i < i1; i += kTile) {
         const int mr = int(std::min<int64_t>(kTile, i1 - i));
-        tiles[mr - 1][nr - 1](k, a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc);
+        tiles[mr - 1][nr - 1](k, a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, i == i0 ? next_b : nullptr);
       }
     }
   }
