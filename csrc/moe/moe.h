@@ -32,10 +32,10 @@ struct MoeShape {
   int64_t slots() const { return tokens * topk; }
 };
 
-// The GEMM path of the CPU kernels. kAuto: bf16 dot products (AVX512-BF16)
-// for bfloat16 inputs on CPUs that have them, fp32 tiles otherwise;
-// kFp32Tiles: always the portable fp32 path (the tests force it to cover both
-// paths on one machine; the glue always passes kAuto).
+// The GEMM path of the CPU kernels. kAuto: m1's AVX-512 kernels where the CPU
+// has them (bfloat16: AVX512-BF16 dot products; float32: AVX-512 FMA), fp32
+// tiles through sgemm otherwise; kFp32Tiles: always the portable path (the
+// tests force it to cover both paths on one machine; the glue passes kAuto).
 enum class CpuGemm { kAuto, kFp32Tiles };
 
 // Inputs shared by the forward and the backward.
