@@ -34,4 +34,17 @@ TORCH_LIBRARY(m1, m) {
         "Tensor? initial_state=None, Tensor? cu_seqlens=None, *, float scale=1.0, int? block_size=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // Fused MoE forward (DESIGN 3.2): y_t = sum_j w_tj W_down[e] (silu(W_gate[e] x_t) * (W_up[e] x_t)),
+  // e = topk_ids[t, j]. x: [T, D]; w_gate_up: [E, 2F, D] (gate rows, then up rows); w_down: [E, D, F];
+  // topk_weights: [T, k] float32; topk_ids: [T, k] int32/int64 in [0, E). Returns (y [T, D] in x's
+  // dtype, gate_up): gate_up holds the [T * k, 2F] pre-activations in expert-sorted order for the
+  // backward when save_gate_up, else it is empty ([0, 2F]).
+  m.def("fused_moe(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, Tensor topk_ids, *, "
+        "bool save_gate_up=False) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // Fused MoE backward: given grad_y [T, D] and fused_moe's inputs, returns (grad_x, grad_w_gate_up,
+  // grad_w_down, grad_topk_weights). gate_up: fused_moe's saved pre-activations, or None to recompute.
+  m.def("fused_moe_backward(Tensor grad_y, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, "
+        "Tensor topk_ids, Tensor? gate_up) -> (Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 import m1ops
-from m1ops.reference import lightning_attn_decode_ref, lightning_attn_ref
+from m1ops.reference import fused_moe_ref, lightning_attn_decode_ref, lightning_attn_ref
 
 Outputs = dict[str, torch.Tensor]
 
@@ -127,7 +127,37 @@ def lightning_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES: list[Callable[[], list[Case]]] = [lightning_decode_cases, lightning_cases]
+def moe_cases() -> list[Case]:
+    """fused_moe forward and backward (every gradient) on a scaled-down M1 MoE layer."""
+    cases = []
+    T, D, F, E, k = 256, 512, 768, 8, 2
+    # fp32: products of length <= 768 in fp32; bf16: outputs rounded once to bf16
+    # (and the saved pre-activations too), see tests/test_moe.py.
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 4 * 2.0**-9)]:
+        x = torch.randn(T, D).to(dtype)
+        w_gate_up = (torch.randn(E, 2 * F, D) / D**0.5).to(dtype)
+        w_down = (torch.randn(E, D, F) / F**0.5).to(dtype)
+        topk_weights, topk_ids = m1ops.moe_route(torch.randn(T, E), k)
+        grad_y = torch.randn(T, D).to(dtype)
+        names = ("dx", "dWgu", "dWdown", "dw")  # gradients of x, w_gate_up, w_down, topk_weights
+
+        def kernel(x=x, wgu=w_gate_up, wd=w_down, tw=topk_weights, ids=topk_ids, g=grad_y):
+            leaves = [t.clone().requires_grad_() for t in (x, wgu, wd, tw)]
+            y = m1ops.fused_moe(*leaves, ids)
+            grads = torch.autograd.grad(y, leaves, g)
+            return {"y": y, **dict(zip(names, grads))}
+
+        def reference(x=x, wgu=w_gate_up, wd=w_down, tw=topk_weights, ids=topk_ids, g=grad_y):
+            leaves = [t.double().requires_grad_() for t in (x, wgu, wd, tw)]
+            y = fused_moe_ref(*leaves, ids)
+            grads = torch.autograd.grad(y, leaves, g.double())
+            return {"y": y, **dict(zip(names, grads))}
+
+        cases.append(Case("fused_moe (fwd+bwd)", f"T{T} D{D} F{F} E{E} k{k}", dtype, kernel, reference, tol))
+    return cases
+
+
+ALL_CASES: list[Callable[[], list[Case]]] = [lightning_decode_cases, lightning_cases, moe_cases]
 
 
 def main(argv: list[str] | None = None) -> int:

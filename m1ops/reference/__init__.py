@@ -8,5 +8,13 @@ from m1ops.reference.lightning import (
     lightning_attn_recurrent_ref,
     lightning_attn_ref,
 )
+from m1ops.reference.moe import fused_moe_loop_ref, fused_moe_ref, moe_route_ref
 
-__all__ = ["lightning_attn_decode_ref", "lightning_attn_recurrent_ref", "lightning_attn_ref"]
+__all__ = [
+    "lightning_attn_decode_ref",
+    "lightning_attn_recurrent_ref",
+    "lightning_attn_ref",
+    "fused_moe_loop_ref",
+    "fused_moe_ref",
+    "moe_route_ref",
+]

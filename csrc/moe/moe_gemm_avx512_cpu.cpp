@@ -1,0 +1,212 @@
+// "NT" GEMMs with AVX-512 (see moe_gemm_avx512_cpu.h).
+//
+// C[i, j] = sum_p A[i, p] B[j, p], both operands with p contiguous: the
+// layout of x rows against weight rows (w_gate_up [2F, D], w_down [D, F]), so
+// no operand is repacked. Each 4 x 4 tile of C keeps 16 zmm accumulators; one
+// step loads 32 consecutive p of 4 A rows and 4 B rows (8 x 64 B) and issues
+// 16 vdpbf16ps (each: 16 lanes x 2 bf16 products summed into fp32), then the
+// 16 lanes of each accumulator are summed at the end of the tile. The p tail
+// (k % 32) uses masked loads. Panels of 48 A rows (48 x k x 2 B, L2) pass
+// over each 4-row block of B (4 x k x 2 B, L1). The fp32 kernel is the same
+// with 16 p per step and vfmadd231ps.
+//
+// Compiled for the AVX-512 targets by function attributes, called only after
+// cpu_has_bf16_dot() / cpu_has_avx512() said yes; the rest of the library
+// stays portable.
+#include "moe/moe_gemm_avx512_cpu.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define M1_MOE_BF16_DOT 1
+#include <immintrin.h>
+#define M1_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define M1_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#endif
+
+namespace m1::moe {
+
+#if defined(M1_MOE_BF16_DOT)
+namespace {
+
+constexpr int kTile = 4;         // rows of A and of B per tile
+constexpr int64_t kPanel = 48;   // rows of A per pass over the B blocks
+
+// Sum of the 16 lanes. The all-lanes masked shuffles name their pass-through
+// operand: GCC 12's unmasked ones (and _mm512_reduce_add_ps) pass
+// _mm512_undefined_ps() and draw -Wuninitialized from its own header.
+M1_TARGET_AVX512 inline float hsum(__m512 v) {
+  constexpr __mmask16 all = 0xFFFF;
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, all, v, v, 0x4E));  // + the other 256-bit half
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, all, v, v, 0xB1));  // + the neighbouring 128-bit lane
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, all, v, 0x4E));        // + the other 64 bits of each lane
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, all, v, 0xB1));        // + the neighbouring 32 bits
+  return _mm512_cvtss_f32(v);
+}
+
+template <int MR, int NR>
+M1_TARGET_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c,
+                            int64_t ldc, const uint16_t* next_b) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 32 <= k; p += 32) {
+    if (next_b) {  // the next B block's rows, one 64-byte line each per step
+#pragma GCC unroll 4
+      for (int j = 0; j < kTile; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_b + j * ldb + p), _MM_HINT_T0);
+    }
+    __m512i av[MR], bv[NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_si512(a + i * lda + p);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_si512(b + j * ldb + p);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)av[i], (__m512bh)bv[j]);
+  }
+  if (p < k) {  // 1 .. 31 remaining: masked loads read zeros past the end
+    const __mmask32 mask = _cvtu32_mask32((1u << (k - p)) - 1u);
+    __m512i av[MR], bv[NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) av[i] = _mm512_maskz_loadu_epi16(mask, a + i * lda + p);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) bv[j] = _mm512_maskz_loadu_epi16(mask, b + j * ldb + p);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)av[i], (__m512bh)bv[j]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] = hsum(acc[i][j]);
+}
+
+template <int MR, int NR>
+M1_TARGET_AVX512 void tile_nt_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                                  int64_t ldc, const float* next_b) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 16 <= k; p += 16) {
+    if (next_b) {
+#pragma GCC unroll 4
+      for (int j = 0; j < kTile; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_b + j * ldb + p), _MM_HINT_T0);
+    }
+    __m512 av[MR], bv[NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_ps(a + i * lda + p);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_ps(b + j * ldb + p);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
+  }
+  if (p < k) {  // 1 .. 15 remaining
+    const __mmask16 mask = __mmask16((1u << (k - p)) - 1u);
+    __m512 av[MR], bv[NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) av[i] = _mm512_maskz_loadu_ps(mask, a + i * lda + p);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) bv[j] = _mm512_maskz_loadu_ps(mask, b + j * ldb + p);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] = hsum(acc[i][j]);
+}
+
+template <typename E>
+using TileFn = void (*)(int64_t, const E*, int64_t, const E*, int64_t, float*, int64_t, const E*);
+
+// kBf16Tiles[MR - 1][NR - 1], kF32Tiles[MR - 1][NR - 1]
+constexpr TileFn<uint16_t> kBf16Tiles[kTile][kTile] = {
+    {tile_nt<1, 1>, tile_nt<1, 2>, tile_nt<1, 3>, tile_nt<1, 4>},
+    {tile_nt<2, 1>, tile_nt<2, 2>, tile_nt<2, 3>, tile_nt<2, 4>},
+    {tile_nt<3, 1>, tile_nt<3, 2>, tile_nt<3, 3>, tile_nt<3, 4>},
+    {tile_nt<4, 1>, tile_nt<4, 2>, tile_nt<4, 3>, tile_nt<4, 4>},
+};
+constexpr TileFn<float> kF32Tiles[kTile][kTile] = {
+    {tile_nt_f32<1, 1>, tile_nt_f32<1, 2>, tile_nt_f32<1, 3>, tile_nt_f32<1, 4>},
+    {tile_nt_f32<2, 1>, tile_nt_f32<2, 2>, tile_nt_f32<2, 3>, tile_nt_f32<2, 4>},
+    {tile_nt_f32<3, 1>, tile_nt_f32<3, 2>, tile_nt_f32<3, 3>, tile_nt_f32<3, 4>},
+    {tile_nt_f32<4, 1>, tile_nt_f32<4, 2>, tile_nt_f32<4, 3>, tile_nt_f32<4, 4>},
+};
+
+// Panels of kPanel A rows against 4-row blocks of B, tile by tile.
+template <typename E>
+void run_tiles(const TileFn<E> (&tiles)[kTile][kTile], int64_t m, int64_t n, int64_t k, const E* a, int64_t lda,
+               const E* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t i0 = 0; i0 < m; i0 += kPanel) {
+    const int64_t i1 = std::min(m, i0 + kPanel);
+    for (int64_t j = 0; j < n; j += kTile) {
+      const int nr = int(std::min<int64_t>(kTile, n - j));
+      // The first tile of the panel prefetches the next full block of B (from memory:
+      // weights are read once per call), the others find this one in L1.
+      const E* next_b = j + 2 * kTile <= n ? b + (j + kTile) * ldb : nullptr;
+      for (int64_t i = i0; i < i1; i += kTile) {
+        const int mr = int(std::min<int64_t>(kTile, i1 - i));
+        tiles[mr - 1][nr - 1](k, a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, i == i0 ? next_b : nullptr);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  return has;
+}
+
+bool cpu_has_bf16_dot() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float* c,
+                  int64_t ldc) {
+  if (!cpu_has_bf16_dot()) throw std::logic_error("m1 fused_moe: gemm_nt_bf16 needs AVX512-BF16");
+  run_tiles(kBf16Tiles, m, n, k, reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b), ldb,
+            c, ldc);
+}
+
+void gemm_nt_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                 int64_t ldc) {
+  if (!cpu_has_avx512()) throw std::logic_error("m1 fused_moe: gemm_nt_f32 needs AVX-512");
+  run_tiles(kF32Tiles, m, n, k, a, lda, b, ldb, c, ldc);
+}
+
+#else  // not x86-64 GCC/Clang: no AVX512-BF16 path
+
+bool cpu_has_bf16_dot() { return false; }
+bool cpu_has_avx512() { return false; }
+
+void gemm_nt_bf16(int64_t, int64_t, int64_t, const bf16*, int64_t, const bf16*, int64_t, float*, int64_t) {
+  throw std::logic_error("m1 fused_moe: gemm_nt_bf16 needs AVX512-BF16");
+}
+
+void gemm_nt_f32(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {
+  throw std::logic_error("m1 fused_moe: gemm_nt_f32 needs AVX-512");
+}
+
+#endif
+
+}  // namespace m1::moe
