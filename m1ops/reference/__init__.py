@@ -8,5 +8,12 @@ from m1ops.reference.lightning import (
     lightning_attn_recurrent_ref,
     lightning_attn_ref,
 )
+from m1ops.reference.logits import fp32_logits_ref, fp32_logprobs_ref
 
-__all__ = ["lightning_attn_decode_ref", "lightning_attn_recurrent_ref", "lightning_attn_ref"]
+__all__ = [
+    "lightning_attn_decode_ref",
+    "lightning_attn_recurrent_ref",
+    "lightning_attn_ref",
+    "fp32_logprobs_ref",
+    "fp32_logits_ref",
+]
