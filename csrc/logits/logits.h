@@ -87,7 +87,6 @@ struct LogitsBwdParams {
   void* grad_hidden = nullptr;             // as in LogprobsBwdParams
   void* grad_weight = nullptr;
   int workers = 1;
-  void* workspace = nullptr;               // CUDA: logits_bwd_workspace_bytes() bytes
 };
 
 void logprobs_fwd_cpu(const LogprobsFwdParams& p);
@@ -97,10 +96,9 @@ void logits_bwd_cpu(const LogitsBwdParams& p);
 
 #if defined(M1_WITH_CUDA) || defined(__CUDACC__)
 // Scratch the CUDA launchers need, allocated by the caller (the torch glue uses
-// the caching allocator). `device` is the CUDA device ordinal the launch will use.
-int64_t logprobs_fwd_workspace_bytes(const LogprobsFwdParams& p, int device);
+// the caching allocator) on the current device, the one the launch will use.
+int64_t logprobs_fwd_workspace_bytes(const LogprobsFwdParams& p);
 int64_t logprobs_bwd_workspace_bytes(const LogprobsBwdParams& p);
-int64_t logits_bwd_workspace_bytes(const LogitsBwdParams& p);
 
 // Throw std::runtime_error on a launch failure.
 void logprobs_fwd_cuda(const LogprobsFwdParams& p, cudaStream_t stream);
