@@ -16,12 +16,12 @@
 // logprobs backward: per cell, recompute X, turn it into dX = dL/dx in place,
 //   then dW_block += dX^T H_tile and dH_tile += dX W_block. To avoid races
 //   without per-thread copies of dH or dW, the R workers run in rounds over a
-//   "superblock" of R vocabulary blocks: in round r, task q owns vocabulary block
+//   "superblock" of R groups of vocabulary blocks: in round r, task q owns group
 //   q of the superblock and token group (q + r) mod R, so within a round no two
 //   tasks touch the same rows of dH or dW. After R rounds every token has met
-//   every block of the superblock; block q's dW was accumulated by task q alone
-//   (in fp32, stored once in weight's dtype), in a fixed order, so the result is
-//   deterministic for a given thread count.
+//   every block of the superblock; a block's dW was accumulated by one task
+//   alone (in fp32, stored once in weight's dtype), and every sum runs in a
+//   fixed order, so the result is deterministic for a given thread count.
 // logits forward / backward: plain tiled GEMMs (the [N, V] matrix is the output
 //   or the incoming gradient there).
 #include <algorithm>
@@ -44,6 +44,8 @@ namespace {
 constexpr int64_t kRowTile = 256;      // Nt: tokens per GEMM tile
 constexpr int64_t kVocabBlock = 256;   // Vb: vocabulary columns per GEMM tile
 constexpr int64_t kMinGroupRows = 64;  // below this many tokens per worker, split the vocabulary instead
+constexpr int64_t kMaxGroupBlocks = 4;  // backward: vocabulary blocks a round task owns
+constexpr int64_t kGroupBytes = int64_t(8) << 20;  // backward: cap of a task's dW accumulators (non-fp32 weight)
 
 template <typename Acc> constexpr DType kAccDType = DType::kFloat32;
 template <> constexpr DType kAccDType<double> = DType::kFloat64;
@@ -215,6 +217,35 @@ M1_CPU_MULTIVERSION void dlogits_tile(Acc* x, int64_t rows, int64_t w, int64_t c
   }
 }
 
+// The backward of token rows [g0, g1) against one vocabulary block [c0, c0 + w):
+// per token tile, recompute X, turn it into dX, then dW_block (+)= dX^T H_tile
+// (dw: w x D, `started` says whether it holds a partial sum) and
+// dH_tile += dX W_block (into dh, the [N, D] accumulator). Null dw / dh: not wanted.
+template <typename Acc>
+struct BackwardCells {
+  const AccMatrix<Acc>& hidden;
+  const Acc* lse;
+  const RowGrad<Acc>* rg;
+  const int64_t* target;
+  Acc* dh;
+  int64_t d;
+  Acc inv_t;
+
+  void run(int64_t g0, int64_t g1, int64_t c0, int64_t w, BlockView<Acc> wb, Acc* dw, char& started, Acc* x) const {
+    for (int64_t r0 = g0; r0 < g1; r0 += kRowTile) {
+      const int64_t rows = std::min(kRowTile, g1 - r0);
+      gemm(false, true, rows, w, d, inv_t, hidden.row(r0), hidden.ld(), wb.ptr, wb.ld, Acc(0), x, kVocabBlock);
+      dlogits_tile(x, rows, w, c0, lse + r0, rg + r0, target + r0);
+      if (dw != nullptr) {
+        gemm(true, false, w, d, rows, Acc(1), x, kVocabBlock, hidden.row(r0), hidden.ld(), started ? Acc(1) : Acc(0),
+             dw, d);
+        started = 1;
+      }
+      if (dh != nullptr) gemm(false, false, rows, d, w, Acc(1), x, kVocabBlock, wb.ptr, wb.ld, Acc(1), dh + r0 * d, d);
+    }
+  }
+};
+
 template <typename Acc>
 void logprobs_bwd_typed(const LogprobsBwdParams& p) {
   const int64_t N = p.n, D = p.d, V = p.v;
@@ -251,62 +282,38 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
     cpu::parallel_for(0, N, kRowTile, [&](int64_t r0, int64_t r1) { std::fill(dh + r0 * D, dh + r1 * D, Acc(0)); });
   }
 
-  // Per task slot q: the widened weight block and, when the weight is not Acc,
-  // the block's dW accumulator.
-  std::vector<std::vector<Acc>> wbuf(static_cast<size_t>(R)), dwbuf(static_cast<size_t>(R));
-  std::vector<int64_t> wbuf_block(static_cast<size_t>(R), -1);
-  std::vector<char> dw_started(static_cast<size_t>(R), 0);
+  // A round task owns a group of k consecutive vocabulary blocks. Larger
+  // groups mean fewer rounds (barriers); when the weight is not Acc the group's
+  // dW accumulators live across the rounds, so k keeps them within kGroupBytes.
+  const int64_t k = (w_is_acc || !want_w)
+                        ? kMaxGroupBlocks
+                        : std::clamp<int64_t>(kGroupBytes / (kVocabBlock * std::max<int64_t>(D, 1) * int64_t(sizeof(Acc))),
+                                              1, kMaxGroupBlocks);
+  std::vector<std::vector<Acc>> dwbuf(static_cast<size_t>(R));  // per task slot: k blocks of dW (weight not Acc)
+  if (want_w && !w_is_acc)
+    for (auto& buf : dwbuf) buf.resize(size_t(k * kVocabBlock * D));
+  std::vector<char> dw_started(static_cast<size_t>(R * k));
+  const BackwardCells<Acc> cells{hidden, lse.data(), rg.data(), target.data(), dh, D, inv_t};
 
-  for (int64_t sb0 = 0; sb0 < J; sb0 += R) {
+  for (int64_t sb0 = 0; sb0 < J; sb0 += R * k) {  // superblock: R groups of k blocks
     std::fill(dw_started.begin(), dw_started.end(), 0);
     for (int64_t round = 0; round < R; ++round) {
       cpu::parallel_for(0, R, 1, [&](int64_t q0, int64_t q1) {
-        std::vector<Acc> x;
+        std::vector<Acc> x(size_t(kRowTile * kVocabBlock)), wbuf;
         for (int64_t q = q0; q < q1; ++q) {
-          const int64_t b = sb0 + q;
-          if (b >= J) continue;
-          const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
-          const int64_t g = (q + round) % R;
+          const int64_t g = (q + round) % R;  // the token group task q meets in this round
           const int64_t g0 = part_begin(N, R, g), g1 = part_begin(N, R, g + 1);
-          Acc* dw = nullptr;
-          int64_t dw_ld = D;
-          if (want_w) {
-            if (w_is_acc) {
-              dw = static_cast<Acc*>(p.grad_weight) + c0 * D;
-            } else {
-              dwbuf[size_t(q)].resize(size_t(kVocabBlock * D));
-              dw = dwbuf[size_t(q)].data();
+          for (int64_t kb = 0; kb < k && sb0 + q * k + kb < J; ++kb) {
+            const int64_t c0 = (sb0 + q * k + kb) * kVocabBlock, w = std::min(kVocabBlock, V - c0);
+            char& started = dw_started[size_t(q * k + kb)];
+            Acc* dw = !want_w ? nullptr
+                      : w_is_acc ? static_cast<Acc*>(p.grad_weight) + c0 * D
+                                 : dwbuf[size_t(q)].data() + kb * kVocabBlock * D;
+            if (g1 > g0) cells.run(g0, g1, c0, w, weight_block(p.weight, c0, w, D, wbuf), dw, started, x.data());
+            if (want_w && round == R - 1) {  // every token group has been through the block: dW is complete
+              if (!started) std::fill(dw, dw + w * D, Acc(0));
+              if (!w_is_acc) narrow_rows(dw, c0, w, D, p.weight.dtype, p.grad_weight);
             }
-          }
-          if (g1 > g0) {
-            BlockView<Acc> wb{static_cast<const Acc*>(p.weight.ptr) + c0 * p.weight.ld, p.weight.ld};
-            if (!w_is_acc) {
-              if (wbuf_block[size_t(q)] != b) {
-                wbuf[size_t(q)].resize(size_t(kVocabBlock * D));
-                widen_rows(p.weight, c0, w, D, wbuf[size_t(q)].data());
-                wbuf_block[size_t(q)] = b;
-              }
-              wb = {wbuf[size_t(q)].data(), D};
-            }
-            x.resize(size_t(kRowTile * kVocabBlock));
-            for (int64_t r0 = g0; r0 < g1; r0 += kRowTile) {
-              const int64_t rows = std::min(kRowTile, g1 - r0);
-              gemm(false, true, rows, w, D, inv_t, hidden.row(r0), hidden.ld(), wb.ptr, wb.ld, Acc(0), x.data(),
-                   kVocabBlock);
-              dlogits_tile(x.data(), rows, w, c0, lse.data() + r0, rg.data() + r0, target.data() + r0);
-              if (want_w) {
-                gemm(true, false, w, D, rows, Acc(1), x.data(), kVocabBlock, hidden.row(r0), hidden.ld(),
-                     dw_started[size_t(q)] ? Acc(1) : Acc(0), dw, dw_ld);
-                dw_started[size_t(q)] = 1;
-              }
-              if (want_h) {
-                gemm(false, false, rows, D, w, Acc(1), x.data(), kVocabBlock, wb.ptr, wb.ld, Acc(1), dh + r0 * D, D);
-              }
-            }
-          }
-          if (want_w && round == R - 1) {  // block b is complete: every token group has been through it
-            if (!dw_started[size_t(q)]) std::fill(dw, dw + w * D, Acc(0));
-            if (!w_is_acc) narrow_rows(dw, c0, w, D, p.weight.dtype, p.grad_weight);
           }
         }
       });
