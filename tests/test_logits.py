@@ -113,6 +113,14 @@ def test_half_inputs_match_float64_of_the_same_values(hdtype, wdtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_wide_rows_half_weight(device):
+    """D = 1100 with a bf16 weight: the CPU backward's vocabulary groups shrink to one block (fp32
+    accumulators capped per task) and cover more rounds; the result must not change."""
+    hidden, weight, targets = make_inputs(40, 1100, 1500, device, torch.float32, torch.bfloat16)
+    check_logprobs(hidden, weight, targets)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [0.3, 1.7])
 def test_temperature(temperature, device):
     check_logprobs(*make_inputs(65, 40, 3000, device), temperature=temperature)

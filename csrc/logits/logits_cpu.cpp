@@ -3,9 +3,9 @@
 // Everything is built from one cell: a tile of Nt tokens x Vb vocabulary
 // columns, X = hidden_tile @ weight_block^T / T computed by m1::cpu::sgemm
 // (IEEE fp32 products and sums; bf16/fp16 operands are widened to fp32 first),
-// then processed while it is in cache. Extra memory is O(workers x tile) plus,
-// for non-fp32 inputs, an fp32 copy of hidden and of grad_hidden ([N, D]);
-// never O(N x V).
+// then processed while it is in cache. Extra memory is O(workers x tile), plus
+// one fp32 [N, D] buffer for a non-fp32 hidden (its widened copy in the
+// forward, the grad_hidden accumulator in the backward); never O(N x V).
 //
 // logprobs forward: tasks are (token group, vocabulary split); a task walks its
 //   vocabulary blocks, widening each weight block once, and for each block runs
@@ -45,7 +45,7 @@ constexpr int64_t kRowTile = 256;      // Nt: tokens per GEMM tile
 constexpr int64_t kVocabBlock = 256;   // Vb: vocabulary columns per GEMM tile
 constexpr int64_t kMinGroupRows = 64;  // below this many tokens per worker, split the vocabulary instead
 constexpr int64_t kMaxGroupBlocks = 4;  // backward: vocabulary blocks a round task owns
-constexpr int64_t kGroupBytes = int64_t(8) << 20;  // backward: cap of a task's dW accumulators (non-fp32 weight)
+constexpr int64_t kGroupBytes = int64_t(2) << 20;  // backward: cap of a task's dW accumulators (non-fp32 weight)
 
 template <typename Acc> constexpr DType kAccDType = DType::kFloat32;
 template <> constexpr DType kAccDType<double> = DType::kFloat64;
@@ -112,8 +112,8 @@ class AccMatrix {
   int64_t ld_ = 0;
 };
 
-// One weight block [c0, c0 + w) as Acc rows: a view of the weight when it is
-// Acc, else widened into a buffer owned by the caller's task.
+// Rows [r0, r0 + rows) of a matrix as Acc rows: a view of the matrix when it
+// is Acc, else widened into `buf` (owned by the caller's task).
 template <typename Acc>
 struct BlockView {
   const Acc* ptr;
@@ -121,11 +121,11 @@ struct BlockView {
 };
 
 template <typename Acc>
-BlockView<Acc> weight_block(const Matrix& weight, int64_t c0, int64_t w, int64_t d, std::vector<Acc>& buf) {
-  if (weight.dtype == kAccDType<Acc>) return {static_cast<const Acc*>(weight.ptr) + c0 * weight.ld, weight.ld};
-  buf.resize(size_t(kVocabBlock * d));
-  widen_rows(weight, c0, w, d, buf.data());
-  return {buf.data(), d};
+BlockView<Acc> rows_view(const Matrix& m, int64_t r0, int64_t rows, int64_t cols, std::vector<Acc>& buf) {
+  if (m.dtype == kAccDType<Acc>) return {static_cast<const Acc*>(m.ptr) + r0 * m.ld, m.ld};
+  buf.resize(size_t(rows * cols));
+  widen_rows(m, r0, rows, cols, buf.data());
+  return {buf.data(), cols};
 }
 
 template <typename Acc>
@@ -174,7 +174,7 @@ void logprobs_fwd_typed(const LogprobsFwdParams& p) {
       const int64_t g0 = part_begin(N, groups, g), g1 = part_begin(N, groups, g + 1);
       for (int64_t b = part_begin(J, splits, s); b < part_begin(J, splits, s + 1); ++b) {
         const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
-        const BlockView<Acc> wb = weight_block(p.weight, c0, w, D, wbuf);
+        const BlockView<Acc> wb = rows_view(p.weight, c0, w, D, wbuf);
         for (int64_t r0 = g0; r0 < g1; r0 += kRowTile) {
           const int64_t rows = std::min(kRowTile, g1 - r0);
           gemm(false, true, rows, w, D, inv_t, hidden.row(r0), hidden.ld(), wb.ptr, wb.ld, Acc(0), x.data(),
@@ -217,13 +217,13 @@ M1_CPU_MULTIVERSION void dlogits_tile(Acc* x, int64_t rows, int64_t w, int64_t c
   }
 }
 
-// The backward of token rows [g0, g1) against one vocabulary block [c0, c0 + w):
-// per token tile, recompute X, turn it into dX, then dW_block (+)= dX^T H_tile
-// (dw: w x D, `started` says whether it holds a partial sum) and
-// dH_tile += dX W_block (into dh, the [N, D] accumulator). Null dw / dh: not wanted.
+// One cell of the backward: token rows [r0, r0 + rows) (h: their Acc rows)
+// against vocabulary block [c0, c0 + w) (wb): recompute X, turn it into dX in
+// place (x), then dW_block (+)= dX^T H_tile into dw (w x D; `started` says
+// whether it already holds a partial sum) and dH_tile += dX W_block into dh
+// (the [N, D] accumulator). A null dw or dh is a gradient not wanted.
 template <typename Acc>
-struct BackwardCells {
-  const AccMatrix<Acc>& hidden;
+struct BackwardCell {
   const Acc* lse;
   const RowGrad<Acc>* rg;
   const int64_t* target;
@@ -231,18 +231,15 @@ struct BackwardCells {
   int64_t d;
   Acc inv_t;
 
-  void run(int64_t g0, int64_t g1, int64_t c0, int64_t w, BlockView<Acc> wb, Acc* dw, char& started, Acc* x) const {
-    for (int64_t r0 = g0; r0 < g1; r0 += kRowTile) {
-      const int64_t rows = std::min(kRowTile, g1 - r0);
-      gemm(false, true, rows, w, d, inv_t, hidden.row(r0), hidden.ld(), wb.ptr, wb.ld, Acc(0), x, kVocabBlock);
-      dlogits_tile(x, rows, w, c0, lse + r0, rg + r0, target + r0);
-      if (dw != nullptr) {
-        gemm(true, false, w, d, rows, Acc(1), x, kVocabBlock, hidden.row(r0), hidden.ld(), started ? Acc(1) : Acc(0),
-             dw, d);
-        started = 1;
-      }
-      if (dh != nullptr) gemm(false, false, rows, d, w, Acc(1), x, kVocabBlock, wb.ptr, wb.ld, Acc(1), dh + r0 * d, d);
+  void run(BlockView<Acc> h, int64_t r0, int64_t rows, BlockView<Acc> wb, int64_t c0, int64_t w, Acc* dw,
+           char& started, Acc* x) const {
+    gemm(false, true, rows, w, d, inv_t, h.ptr, h.ld, wb.ptr, wb.ld, Acc(0), x, kVocabBlock);
+    dlogits_tile(x, rows, w, c0, lse + r0, rg + r0, target + r0);
+    if (dw != nullptr) {
+      gemm(true, false, w, d, rows, Acc(1), x, kVocabBlock, h.ptr, h.ld, started ? Acc(1) : Acc(0), dw, d);
+      started = 1;
     }
+    if (dh != nullptr) gemm(false, false, rows, d, w, Acc(1), x, kVocabBlock, wb.ptr, wb.ld, Acc(1), dh + r0 * d, d);
   }
 };
 
@@ -253,7 +250,6 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
   if (!want_h && !want_w) return;
   const int64_t R = std::max(1, p.workers);
   const int64_t J = ceil_div(V, kVocabBlock);
-  const Acc inv_t = Acc(p.inv_temperature);
   const bool h_is_acc = p.hidden.dtype == kAccDType<Acc>, w_is_acc = p.weight.dtype == kAccDType<Acc>;
 
   // Per-row coefficients of dL/dx (logits_common.h).
@@ -267,13 +263,13 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
       target[size_t(n)] = ignored ? -1 : t;
       lse[size_t(n)] = read_vec<Acc>(p.lse, n);
       rg[size_t(n)] = row_grad(read_vec<Acc>(p.grad_logprobs, n), read_vec<Acc>(p.grad_entropy, n),
-                               read_vec<Acc>(p.grad_lse, n), read_vec<Acc>(p.entropy, n), inv_t, ignored);
+                               read_vec<Acc>(p.grad_lse, n), read_vec<Acc>(p.entropy, n), Acc(p.inv_temperature),
+                               ignored);
     }
   });
 
-  const AccMatrix<Acc> hidden(p.hidden, N, D, kRowTile);
   // dH accumulates over every vocabulary block: in the output when it is Acc,
-  // else in an Acc copy narrowed at the end.
+  // else in an Acc copy narrowed at the end (the one O(N x D) buffer here).
   std::vector<Acc> dh_buf;
   Acc* dh = nullptr;
   if (want_h) {
@@ -293,25 +289,38 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
   if (want_w && !w_is_acc)
     for (auto& buf : dwbuf) buf.resize(size_t(k * kVocabBlock * D));
   std::vector<char> dw_started(static_cast<size_t>(R * k));
-  const BackwardCells<Acc> cells{hidden, lse.data(), rg.data(), target.data(), dh, D, inv_t};
+  const BackwardCell<Acc> cell{lse.data(), rg.data(), target.data(), dh, D, Acc(p.inv_temperature)};
 
   for (int64_t sb0 = 0; sb0 < J; sb0 += R * k) {  // superblock: R groups of k blocks
     std::fill(dw_started.begin(), dw_started.end(), 0);
     for (int64_t round = 0; round < R; ++round) {
       cpu::parallel_for(0, R, 1, [&](int64_t q0, int64_t q1) {
-        std::vector<Acc> x(size_t(kRowTile * kVocabBlock)), wbuf;
+        std::vector<Acc> x(size_t(kRowTile * kVocabBlock)), hbuf, wbuf;
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t g = (q + round) % R;  // the token group task q meets in this round
           const int64_t g0 = part_begin(N, R, g), g1 = part_begin(N, R, g + 1);
-          for (int64_t kb = 0; kb < k && sb0 + q * k + kb < J; ++kb) {
-            const int64_t c0 = (sb0 + q * k + kb) * kVocabBlock, w = std::min(kVocabBlock, V - c0);
-            char& started = dw_started[size_t(q * k + kb)];
-            Acc* dw = !want_w ? nullptr
-                      : w_is_acc ? static_cast<Acc*>(p.grad_weight) + c0 * D
-                                 : dwbuf[size_t(q)].data() + kb * kVocabBlock * D;
-            if (g1 > g0) cells.run(g0, g1, c0, w, weight_block(p.weight, c0, w, D, wbuf), dw, started, x.data());
-            if (want_w && round == R - 1) {  // every token group has been through the block: dW is complete
-              if (!started) std::fill(dw, dw + w * D, Acc(0));
+          const int64_t b0 = std::min(J, sb0 + q * k), b1 = std::min(J, b0 + k);
+          auto dw_of = [&](int64_t b) -> Acc* {
+            if (!want_w) return nullptr;
+            if (w_is_acc) return static_cast<Acc*>(p.grad_weight) + b * kVocabBlock * D;
+            return dwbuf[size_t(q)].data() + (b - b0) * kVocabBlock * D;
+          };
+          // Token tiles outer: a non-Acc hidden tile is widened once per round,
+          // a non-Acc weight block once per cell (1 / (6 Nt) of the cell's flops).
+          for (int64_t r0 = g0; r0 < g1 && b0 < b1; r0 += kRowTile) {
+            const int64_t rows = std::min(kRowTile, g1 - r0);
+            const BlockView<Acc> h = rows_view(p.hidden, r0, rows, D, hbuf);
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
+              cell.run(h, r0, rows, rows_view(p.weight, c0, w, D, wbuf), c0, w, dw_of(b),
+                       dw_started[size_t(q * k + b - b0)], x.data());
+            }
+          }
+          if (want_w && round == R - 1) {  // every token group has been through the group: its dW is complete
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
+              Acc* dw = dw_of(b);
+              if (!dw_started[size_t(q * k + b - b0)]) std::fill(dw, dw + w * D, Acc(0));
               if (!w_is_acc) narrow_rows(dw, c0, w, D, p.weight.dtype, p.grad_weight);
             }
           }
@@ -348,7 +357,7 @@ void logits_fwd_typed(const LogitsFwdParams& p) {
       const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
       const int64_t r0 = i * kRowTile, rows = std::min(kRowTile, N - r0);
       if (have != b) {
-        wb = weight_block(p.weight, c0, w, D, wbuf);
+        wb = rows_view(p.weight, c0, w, D, wbuf);
         have = b;
       }
       gemm(false, true, rows, w, D, Acc(1), hidden.row(r0), hidden.ld(), wb.ptr, wb.ld, Acc(0), out + r0 * V + c0, V);
@@ -373,7 +382,7 @@ void logits_bwd_typed(const LogitsBwdParams& p) {
         if (V == 0) std::fill(dh, dh + rows * D, Acc(0));
         for (int64_t b = 0; b < J; ++b) {
           const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
-          const BlockView<Acc> wb = weight_block(p.weight, c0, w, D, wbuf);
+          const BlockView<Acc> wb = rows_view(p.weight, c0, w, D, wbuf);
           gemm(false, false, rows, D, w, Acc(1), g + r0 * ldg + c0, ldg, wb.ptr, wb.ld, b ? Acc(1) : Acc(0), dh, D);
         }
         if (!h_is_acc) narrow_rows(dh, r0, rows, D, p.hidden.dtype, p.grad_hidden);

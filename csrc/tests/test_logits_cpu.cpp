@@ -245,7 +245,7 @@ int main() {
   test_exp();
   for (auto [N, D, V, workers] : std::initializer_list<std::array<int64_t, 4>>{
            {1, 1, 1, 1}, {1, 16, 7, 3}, {5, 33, 600, 3}, {17, 64, 257, 2}, {300, 24, 300, 3}, {600, 8, 520, 1},
-           {130, 40, 1000, 2}, {40, 16, 2600, 2}, {50, 8, 3500, 3}, {0, 8, 9, 2}}) {
+           {130, 40, 1000, 2}, {40, 16, 2600, 2}, {50, 8, 3500, 3}, {12, 600, 2100, 2}, {0, 8, 9, 2}}) {
     const int w = int(workers);
     run_case<float, float, float>(DType::kFloat32, DType::kFloat32, N, D, V, 1.0, w);
     run_case<float, float, float>(DType::kFloat32, DType::kFloat32, N, D, V, 0.6, w);
