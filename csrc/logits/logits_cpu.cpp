@@ -44,7 +44,6 @@ namespace {
 constexpr int64_t kRowTile = 256;      // Nt: tokens per GEMM tile
 constexpr int64_t kVocabBlock = 256;   // Vb: vocabulary columns per GEMM tile
 constexpr int64_t kMinGroupRows = 64;  // below this many tokens per worker, split the vocabulary instead
-constexpr int64_t kMaxGroupBlocks = 4;  // backward: vocabulary blocks a round task owns
 constexpr int64_t kGroupBytes = int64_t(2) << 20;  // backward: cap of a task's dW accumulators (non-fp32 weight)
 
 template <typename Acc> constexpr DType kAccDType = DType::kFloat32;
@@ -278,20 +277,23 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
     cpu::parallel_for(0, N, kRowTile, [&](int64_t r0, int64_t r1) { std::fill(dh + r0 * D, dh + r1 * D, Acc(0)); });
   }
 
-  // A round task owns a group of k consecutive vocabulary blocks. Larger
-  // groups mean fewer rounds (barriers); when the weight is not Acc the group's
-  // dW accumulators live across the rounds, so k keeps them within kGroupBytes.
+  // A round task owns a group of up to k consecutive vocabulary blocks. Larger
+  // groups mean fewer superblocks, hence fewer barriers: with an Acc weight dW
+  // accumulates in the output and one superblock spans the vocabulary (R
+  // barriers in all); otherwise the group's dW accumulators live across the
+  // rounds, so k keeps them within kGroupBytes.
   const int64_t k = (w_is_acc || !want_w)
-                        ? kMaxGroupBlocks
+                        ? ceil_div(J, R)
                         : std::clamp<int64_t>(kGroupBytes / (kVocabBlock * std::max<int64_t>(D, 1) * int64_t(sizeof(Acc))),
-                                              1, kMaxGroupBlocks);
+                                              1, J);
   std::vector<std::vector<Acc>> dwbuf(static_cast<size_t>(R));  // per task slot: k blocks of dW (weight not Acc)
   if (want_w && !w_is_acc)
     for (auto& buf : dwbuf) buf.resize(size_t(k * kVocabBlock * D));
   std::vector<char> dw_started(static_cast<size_t>(R * k));
   const BackwardCell<Acc> cell{lse.data(), rg.data(), target.data(), dh, D, Acc(p.inv_temperature)};
 
-  for (int64_t sb0 = 0; sb0 < J; sb0 += R * k) {  // superblock: R groups of k blocks
+  for (int64_t sb0 = 0; sb0 < J; sb0 += R * k) {  // superblock: R groups of up to k blocks
+    const int64_t blocks = std::min(R * k, J - sb0);
     std::fill(dw_started.begin(), dw_started.end(), 0);
     for (int64_t round = 0; round < R; ++round) {
       cpu::parallel_for(0, R, 1, [&](int64_t q0, int64_t q1) {
@@ -299,7 +301,7 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t g = (q + round) % R;  // the token group task q meets in this round
           const int64_t g0 = part_begin(N, R, g), g1 = part_begin(N, R, g + 1);
-          const int64_t b0 = std::min(J, sb0 + q * k), b1 = std::min(J, b0 + k);
+          const int64_t b0 = sb0 + part_begin(blocks, R, q), b1 = sb0 + part_begin(blocks, R, q + 1);
           auto dw_of = [&](int64_t b) -> Acc* {
             if (!want_w) return nullptr;
             if (w_is_acc) return static_cast<Acc*>(p.grad_weight) + b * kVocabBlock * D;
