@@ -9,6 +9,16 @@ from m1ops._build import build_info, load_extension
 load_extension()  # before any torch.library call: the schemas live in _C
 
 from m1ops.lightning import lightning_attn, lightning_attn_decode  # noqa: E402
+from m1ops.logits import fp32_logits, fp32_logprobs  # noqa: E402
 from m1ops.moe import fused_moe, fused_moe_backward, moe_route  # noqa: E402
 
-__all__ = ["build_info", "lightning_attn", "lightning_attn_decode", "fused_moe", "fused_moe_backward", "moe_route"]
+__all__ = [
+    "build_info",
+    "lightning_attn",
+    "lightning_attn_decode",
+    "fused_moe",
+    "fused_moe_backward",
+    "moe_route",
+    "fp32_logprobs",
+    "fp32_logits",
+]

@@ -21,7 +21,13 @@ from typing import Callable
 import torch
 
 import m1ops
-from m1ops.reference import fused_moe_ref, lightning_attn_decode_ref, lightning_attn_ref
+from m1ops.reference import (
+    fp32_logits_ref,
+    fp32_logprobs_ref,
+    fused_moe_ref,
+    lightning_attn_decode_ref,
+    lightning_attn_ref,
+)
 
 Outputs = dict[str, torch.Tensor]
 
@@ -157,7 +163,55 @@ def moe_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES: list[Callable[[], list[Case]]] = [lightning_decode_cases, lightning_cases, moe_cases]
+def logits_cases() -> list[Case]:
+    """FP32 head at a 32K vocabulary: log-probs + entropy, their gradients, and logits for sampling.
+
+    Outputs are fp32 from exact fp32 products of the (widened) inputs: budget 1e-5 as in DESIGN 4;
+    bf16 gradients add one bf16 rounding (2^-8).
+    """
+    cases = []
+    N, D, V = 256, 1024, 32768
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(N, D).to(dtype)
+        weight = (torch.randn(V, D) * 3 / D**0.5).to(dtype)  # logits with std ~3
+        targets = torch.randint(0, V, (N,))
+        targets[::16] = -100
+
+        def kernel(h=hidden, w=weight, t=targets):
+            lp, ent = m1ops.fp32_logprobs(h, w, t, temperature=0.9, return_entropy=True)
+            return {"logprob": lp, "entropy": ent}
+
+        def reference(h=hidden, w=weight, t=targets):
+            lp, ent, _ = fp32_logprobs_ref(h, w, t, temperature=0.9)
+            return {"logprob": lp, "entropy": ent}
+
+        cases.append(Case("fp32_logprobs", f"N={N} D={D} V={V}", dtype, kernel, reference, 1e-5))
+
+        g = torch.randn(N)
+
+        def grads(h=hidden, w=weight, t=targets, g=g):
+            h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+            lp, ent = m1ops.fp32_logprobs(h, w, t, temperature=0.9, return_entropy=True)
+            ((lp * g).sum() + 0.1 * ent.sum()).backward()
+            return {"grad_h": h.grad, "grad_w": w.grad}
+
+        def grads_ref(h=hidden, w=weight, t=targets, g=g):
+            h, w = h.double().requires_grad_(), w.double().requires_grad_()
+            lp, ent, _ = fp32_logprobs_ref(h, w, t, temperature=0.9)
+            ((lp * g.double()).sum() + 0.1 * ent.sum()).backward()
+            return {"grad_h": h.grad, "grad_w": w.grad}
+
+        tol = 1e-5 + (2.0**-8 if dtype == torch.bfloat16 else 0.0)
+        cases.append(Case("fp32_logprobs backward", f"N={N} D={D} V={V}", dtype, grads, grads_ref, tol))
+
+    hidden, weight = torch.randn(64, D).bfloat16(), (torch.randn(V, D) / D**0.5).bfloat16()
+    cases.append(Case("fp32_logits", f"N=64 D={D} V={V}", torch.bfloat16,
+                      lambda: {"logits": m1ops.fp32_logits(hidden, weight)},
+                      lambda: {"logits": fp32_logits_ref(hidden, weight)}, 1e-5))
+    return cases
+
+
+ALL_CASES: list[Callable[[], list[Case]]] = [lightning_decode_cases, lightning_cases, moe_cases, logits_cases]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,11 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
 void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// The same in float64 (BLAS dgemm_ when loaded, else the portable loop): for
+// the float64 paths that gradcheck runs.
+void dgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+           int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+
 // "blas (sgemm_)" or "portable loop".
 const char* gemm_backend();
 

@@ -1,6 +1,7 @@
-// cpu_runtime: the parallel loop covers its range exactly once; sgemm (BLAS
-// or the portable loop, whichever this build has) matches a naive triple loop
-// in double for every transpose combination, odd sizes and alpha/beta.
+// cpu_runtime: the parallel loop covers its range exactly once; sgemm and
+// dgemm (BLAS or the portable loop, whichever this build has) match a naive
+// triple loop in double (long double for dgemm) for every transpose
+// combination, odd sizes and alpha/beta.
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -29,48 +30,54 @@ void test_parallel_for() {
   }
 }
 
-void test_sgemm() {
+// `unit`: relative bound per unit of sum |a_ip b_pj| (a few ulps of T).
+template <typename T, typename Wide, typename Gemm>
+void test_gemm(const char* name, Gemm gemm, double unit) {
   std::mt19937 rng(7);
-  std::normal_distribution<float> nd;
+  std::normal_distribution<T> nd;
   for (bool ta : {false, true})
     for (bool tb : {false, true})
       for (auto [m, n, k] : std::initializer_list<std::array<int64_t, 3>>{
                {1, 1, 1}, {3, 5, 7}, {64, 33, 17}, {130, 257, 65}, {4, 0, 3}, {5, 6, 0}}) {
         const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 1, ldc = n + 2;
-        std::vector<float> a(size_t((ta ? k : m) * lda + 1)), b(size_t((tb ? n : k) * ldb + 1)),
+        std::vector<T> a(size_t((ta ? k : m) * lda + 1)), b(size_t((tb ? n : k) * ldb + 1)),
             c(size_t(m * ldc + 1));
         for (auto* vec : {&a, &b, &c})
-          for (float& x : *vec) x = nd(rng);
-        std::vector<float> c0 = c;
-        const float alpha = 0.75f, beta = (m + n) % 2 ? 0.f : -1.5f;
-        sgemm(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb, beta, c.data(), ldc);
+          for (T& x : *vec) x = nd(rng);
+        std::vector<T> c0 = c;
+        const T alpha = T(0.75), beta = (m + n) % 2 ? T(0) : T(-1.5);
+        gemm(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb, beta, c.data(), ldc);
         double worst = 0;
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = 0; j < n; ++j) {
-            double acc = 0, mag = 0;
+            Wide acc = 0, mag = 0;
             for (int64_t p = 0; p < k; ++p) {
-              const double x = ta ? a[p * lda + i] : a[i * lda + p];
-              const double y = tb ? b[j * ldb + p] : b[p * ldb + j];
+              const Wide x = ta ? a[p * lda + i] : a[i * lda + p];
+              const Wide y = tb ? b[j * ldb + p] : b[p * ldb + j];
               acc += x * y;
-              mag += std::fabs(x * y);
+              mag += x * y < 0 ? -x * y : x * y;
             }
-            const double want = alpha * acc + (beta == 0.f ? 0.0 : beta * double(c0[i * ldc + j]));
-            const double bound = 1e-6 * (alpha * mag + std::fabs(beta * c0[i * ldc + j])) + 1e-30;
-            worst = std::max(worst, std::fabs(c[i * ldc + j] - want) / bound);
+            const Wide cij = c0[i * ldc + j];
+            const Wide want = Wide(alpha) * acc + (beta == T(0) ? Wide(0) : Wide(beta) * cij);
+            const Wide bound = Wide(unit) * (Wide(alpha) * mag + (beta * cij < 0 ? -beta * cij : beta * cij)) + Wide(1e-300);
+            const Wide diff = Wide(c[i * ldc + j]) - want;
+            worst = std::max(worst, double((diff < 0 ? -diff : diff) / bound));
           }
-        M1_EXPECT(worst <= 1.0, "sgemm ta=%d tb=%d m=%ld n=%ld k=%ld: error %.3g x bound", ta, tb, long(m), long(n), long(k), worst);
+        M1_EXPECT(worst <= 1.0, "%s ta=%d tb=%d m=%ld n=%ld k=%ld: error %.3g x bound", name, ta, tb, long(m), long(n),
+                  long(k), worst);
         // Padding columns of C (j >= n) are untouched.
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = n; j < ldc; ++j)
-            M1_EXPECT(c[i * ldc + j] == c0[i * ldc + j], "sgemm wrote C[%ld, %ld] outside n", long(i), long(j));
+            M1_EXPECT(c[i * ldc + j] == c0[i * ldc + j], "%s wrote C[%ld, %ld] outside n", name, long(i), long(j));
       }
-  std::printf("sgemm backend: %s\n", gemm_backend());
 }
 
 }  // namespace
 
 int main() {
   test_parallel_for();
-  test_sgemm();
+  test_gemm<float, double>("sgemm", sgemm, 1e-6);
+  test_gemm<double, long double>("dgemm", dgemm, 2e-15);
+  std::printf("gemm backend: %s\n", gemm_backend());
   M1_TEST_MAIN_END();
 }

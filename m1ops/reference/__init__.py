@@ -9,6 +9,7 @@ from m1ops.reference.lightning import (
     lightning_attn_ref,
 )
 from m1ops.reference.moe import fused_moe_loop_ref, fused_moe_ref, moe_route_ref
+from m1ops.reference.logits import fp32_logits_ref, fp32_logprobs_ref
 
 __all__ = [
     "lightning_attn_decode_ref",
@@ -17,4 +18,6 @@ __all__ = [
     "fused_moe_loop_ref",
     "fused_moe_ref",
     "moe_route_ref",
+    "fp32_logprobs_ref",
+    "fp32_logits_ref",
 ]
