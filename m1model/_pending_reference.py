@@ -146,16 +146,22 @@ def fused_moe(
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
         raise ValueError(f"fused_moe: topk_ids must lie in [0, {E}), got values in [{int(topk_ids.min())}, {int(topk_ids.max())}]")
     dt = _compute_dtype(x, w_gate_up)
-    xf = x.to(dt)
-    y = torch.zeros(T, D, dtype=dt, device=x.device)
-    for e in range(E):
-        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = xf[tok] @ w_gate_up[e].to(dt).t()  # [n, 2F]: gate rows first, then up
-        a = F.silu(h[:, :Fdim]) * h[:, Fdim:]
-        out = (a @ w_down[e].to(dt).t()) * topk_weights[tok, slot, None].to(dt)
-        y = y.index_add(0, tok, out)
+    k = topk_ids.shape[1]
+    # Group the (token, slot) pairs by expert: a stable sort of the flat ids is the permutation,
+    # the histogram gives each expert's contiguous range.
+    flat = topk_ids.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    xs = x.to(dt)[order // k]  # [T*k, D] token rows in expert order
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            h = xs[start : start + n] @ w_gate_up[e].to(dt).t()  # [n, 2F]: gate columns first, then up
+            outs.append((F.silu(h[:, :Fdim]) * h[:, Fdim:]) @ w_down[e].to(dt).t())  # [n, D]
+        start += n
+    out = torch.cat(outs) if outs else xs.new_zeros(0, D)
+    out = out[torch.argsort(order)].view(T, k, D)  # back to (token, slot) order
+    y = (out * topk_weights.to(dt)[..., None]).sum(dim=1)
     return y.to(x.dtype)
 
 

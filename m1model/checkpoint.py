@@ -18,7 +18,8 @@ Tensor names (l = layer, e = expert):
 transformers also stores four derived buffers per lightning layer
 (self_attn.slope_rate [H, 1, 1], query_decay, key_decay, diagonal_decay): the
 loader checks slope_rate against the config's formula and skips the rest; the
-writer writes them so that transformers reports nothing missing.
+writer writes them so that transformers reports nothing missing. The original
+code's self_attn.rotary_emb.inv_freq (softmax layers) is skipped too.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ DERIVED_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123])\.weight")
 _ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
 _BUFFER = re.compile(r"model\.layers\.(\d+)\.self_attn\.(" + "|".join(DERIVED_BUFFERS) + ")")
+_INV_FREQ = re.compile(r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq")  # the original code's RoPE table
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -217,13 +219,16 @@ def _route(key: str, params: dict, config: M1Config):
     m = _BUFFER.fullmatch(key)
     if m and int(m.group(1)) in config.linear_layers:
         return None, "derived"
+    m = _INV_FREQ.fullmatch(key)
+    if m and int(m.group(1)) in config.softmax_layers:
+        return None, "derived"
     return None, None
 
 
 def _check_derived(key: str, shape: tuple, f, model) -> str | None:
     """slope_rate must equal the formula (a mismatch means config.json describes another model)."""
     m = _BUFFER.fullmatch(key)
-    if m.group(2) != "slope_rate":
+    if m is None or m.group(2) != "slope_rate":
         return None
     layer = int(m.group(1))
     ours = torch.tensor(model.config.slopes(layer), dtype=torch.float64)

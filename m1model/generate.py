@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--repetition-window", type=int, default=3000)
     p.add_argument("--repetition-prob", type=float, default=0.99)
     p.add_argument("--reference", action="store_true", help="run every op on its pure-PyTorch reference")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = [int(t) for t in args.prompt_ids.split()]
-    model = M1ForCausalLM.from_pretrained(args.model, dtype=DTYPES.get(args.dtype))
+    model = M1ForCausalLM.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
     model.eval()
 
     eos = model.config.eos_token_id
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = model.generate(
         [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_token_id=eos if eos is not None else (), generator=torch.Generator().manual_seed(args.seed),
+        top_p=args.top_p, eos_token_id=eos if eos is not None else (), generator=torch.Generator(model.device).manual_seed(args.seed),
         repetition_window=args.repetition_window, repetition_prob=args.repetition_prob, on_token=on_token,
     )
     seconds = time.perf_counter() - t0

@@ -111,7 +111,7 @@ def generate(
         temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
         top_k, top_p: keep the k most likely tokens / the smallest set holding top_p of the mass.
         eos_token_id: id or ids that end a sequence; None: the config's; () never stops on EOS.
-        generator: a torch.Generator for reproducible sampling.
+        generator: a torch.Generator on the model's device, for reproducible sampling.
         repetition_window, repetition_prob: the repetition stop (see the module docstring).
         on_token: called as on_token(prompt_index, token) for every generated token, in order.
     """

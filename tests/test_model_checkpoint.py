@@ -176,3 +176,34 @@ def test_missing_shard_is_named(tmp_path):
 def test_bad_layout_argument(tmp_path):
     with pytest.raises(ValueError, match="layout"):
         random_model(TINY).save_pretrained(tmp_path, layout="sideways")
+
+
+def test_loads_an_original_release_checkpoint(tmp_path):
+    """The original dialect: attn_type_list, layernorm_*_alpha/beta, postnorm, rotary_dim; per-expert
+    weights, no transformers buffers, and the original code's RoPE inv_freq tables."""
+    config = with_(TINY, linear_attn_alpha=1.5, mlp_beta=0.75)
+    model = random_model(config, seed=6)
+    model.save_pretrained(tmp_path, transformers_buffers=False)
+    original = {
+        "architectures": ["MiniMaxM1ForCausalLM"], "model_type": "minimax_m1",
+        "attn_type_list": [1 if t == "full_attention" else 0 for t in config.layer_types],
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "num_local_experts": config.num_local_experts, "num_experts_per_tok": config.num_experts_per_tok,
+        "rotary_dim": config.rotary_dim, "rope_theta": config.rope_theta, "postnorm": True,
+        "rms_norm_eps": config.rms_norm_eps, "block_size": config.block_size,
+        "layernorm_linear_attention_alpha": 1.5, "layernorm_linear_attention_beta": 1.0,
+        "layernorm_full_attention_alpha": config.full_attn_alpha, "layernorm_full_attention_beta": 1.0,
+        "layernorm_mlp_alpha": config.mlp_alpha, "layernorm_mlp_beta": 0.75, "shared_intermediate_size": 0,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(original))
+    inv_freq = torch.rand(config.rotary_dim // 2)
+    rewrite(tmp_path, lambda t: t.update({f"model.layers.{l}.self_attn.rotary_emb.inv_freq": inv_freq
+                                          for l in config.softmax_layers}))
+    loaded = M1ForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.linear_attn_alpha == 1.5 and loaded.config.mlp_beta == 0.75
+    assert_same_weights(loaded, model)
+    ids = torch.randint(0, config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))

@@ -280,3 +280,18 @@ def test_bad_inputs(kwargs, message):
         model(torch.zeros(2, 10, dtype=torch.long), **kwargs)
     with pytest.raises(ValueError, match="cu_seqlens must be"):
         model(torch.zeros(1, 10, dtype=torch.long), cu_seqlens=torch.tensor([0, 6, 4, 10]))
+
+
+def test_missing_kernel_falls_back_visibly(monkeypatch, caplog):
+    """An op m1ops lacks runs on its reference, with one warning and a status entry saying so."""
+    import m1ops
+
+    monkeypatch.delattr(m1ops, "lightning_attn_decode", raising=False)
+    monkeypatch.setattr(ops, "_warned", set())
+    assert ops.status()["lightning_attn_decode"].startswith("fallback")
+    model = random_model(TINY, seed=20)
+    with caplog.at_level("WARNING", logger="m1model.ops"):
+        out = model.generate([[1, 2, 3]], max_new_tokens=3, eos_token_id=())
+        model.generate([[1, 2, 3]], max_new_tokens=3, eos_token_id=())
+    warnings = [r for r in caplog.records if "m1ops.lightning_attn_decode is not available" in r.getMessage()]
+    assert len(warnings) == 1 and len(out.tokens[0]) == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel_close
+from helpers import DEVICES, assert_rel_close
 from model_utils import PARITY_CONFIGS, load_transformers, random_model
 
 from m1model import HybridCache, M1Config
@@ -187,3 +187,15 @@ def test_cache_overflow_is_an_error():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         with pytest.raises(ValueError, match="exceed max_length=4"):
             model(torch.tensor([[1, 2]]), cache=cache)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_generation_matches_cpu(device):
+    """The model and its cache on `device` give the CPU model's greedy tokens and log-probs."""
+    model = random_model(TINY, seed=29)
+    prompts = prompts_of([7, 21])
+    ref = model.generate(prompts, max_new_tokens=10, eos_token_id=())
+    out = model.to(device).generate(prompts, max_new_tokens=10, eos_token_id=())
+    assert out.tokens == ref.tokens
+    for a, b in zip(out.logprobs, ref.logprobs):
+        assert_rel_close(a, b, 1e-4, "log-probs")
