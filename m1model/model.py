@@ -51,9 +51,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32 (one fused kernel), then transformers' rounding order.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +263,7 @@ class M1ForCausalLM(nn.Module):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32, device=p.device) * std)
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)  # drawn on the CPU
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in backward instead of storing its activations."""
