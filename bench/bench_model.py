@@ -1,7 +1,7 @@
 """Prefill and decode speed of m1model against transformers' MiniMax on the same weights (CPU).
 
-    python bench/bench_model.py [--tokens 4096] [--decode-steps 32] [--batch 1] [--dtype float32]
-        [--preset small] [--layers N] [--reference]
+    python bench/bench_model.py [--tokens 4096] [--decode-steps 32] [--repeat 3] [--batch 1]
+        [--dtype float32] [--preset small] [--layers N] [--threads N] [--reference]
 
 One random M1-shaped model (preset "small": 7 lightning + 1 softmax layer,
 8 heads x 128, 8 experts top-2, block 256; RoPE over the whole head so that
@@ -13,6 +13,9 @@ implementations, which then run in the same process:
   decode   --decode-steps greedy steps after that prefill, one token per sequence
            per step (the median step time is reported).
 
+The two implementations alternate (prefill, prefill, ..., then step, step, ...)
+and the speedup is the median of the paired ratios, with their range: the
+machine's load changes during a run, and pairing makes the ratio robust to it.
 Both are checked to agree (relative error of the prefill's last logits) before
 anything is timed. ops.status() is printed and stored: an op that m1ops does not
 provide yet runs on its PyTorch stand-in, and the numbers then say little about
@@ -49,48 +52,64 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-@torch.no_grad()
-def run_ours(model: M1ForCausalLM, ids: torch.Tensor, steps: int):
-    """(last logits of the prefill [B, V], prefill seconds, per-step decode seconds)."""
-    B, T = ids.shape
-    W = model.lm_head.weight
+class Ours:
+    """m1model prefill (last-position fp32 logits + filled cache) and greedy decode steps."""
 
-    def prefill():
-        cache = model.new_cache(B, T + steps + 1)
-        hidden = model.hidden_states(ids, cache=cache)[:, -1]
-        return ops.fp32_logits(hidden, W), cache
+    def __init__(self, model: M1ForCausalLM) -> None:
+        self.model, self.W = model, model.lm_head.weight
 
-    (logits, cache), t_prefill = timed(prefill)
-    step_times = []
-    tok = logits.argmax(-1)
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, room: int) -> torch.Tensor:
+        self.cache = self.model.new_cache(ids.shape[0], ids.shape[1] + room)
+        return ops.fp32_logits(self.model.hidden_states(ids, cache=self.cache)[:, -1], self.W)
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        return ops.fp32_logits(self.model.hidden_states(tok[:, None], cache=self.cache)[:, 0], self.W)
+
+
+class Theirs:
+    """transformers' MiniMaxForCausalLM doing the same with its MiniMaxCache."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, room: int) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tok[:, None], past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+
+def measure(ours: Ours, theirs: Theirs, ids: torch.Tensor, steps: int, repeat: int):
+    """Alternates the two implementations (prefill by prefill, then decode step by step) so that
+    a change in the machine's load hits both; returns the paired timings and the last logits."""
+    prefill = {"ours": [], "theirs": []}
+    for _ in range(repeat):
+        lo, t = timed(lambda: ours.prefill(ids, steps + 1))
+        prefill["ours"].append(t)
+        lt, t = timed(lambda: theirs.prefill(ids, steps + 1))
+        prefill["theirs"].append(t)
+    decode = {"ours": [], "theirs": []}
+    tok_o, tok_t = lo.argmax(-1), lt.argmax(-1)
     for _ in range(steps):
-        def step():
-            return ops.fp32_logits(model.hidden_states(tok[:, None], cache=cache)[:, 0], W)
+        out, t = timed(lambda: ours.step(tok_o))
+        decode["ours"].append(t)
+        tok_o = out.argmax(-1)
+        out, t = timed(lambda: theirs.step(tok_t))
+        decode["theirs"].append(t)
+        tok_t = out.argmax(-1)
+    return prefill, decode, lo, lt
 
-        out, dt = timed(step)
-        step_times.append(dt)
-        tok = out.argmax(-1)
-    return logits, t_prefill, step_times
 
-
-@torch.no_grad()
-def run_transformers(model, ids: torch.Tensor, steps: int):
-    def prefill():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values
-
-    (logits, cache), t_prefill = timed(prefill)
-    step_times = []
-    tok = logits.argmax(-1)
-    for _ in range(steps):
-        def step():
-            return model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
-
-        out, dt = timed(step)
-        step_times.append(dt)
-        cache = out.past_key_values
-        tok = out.logits[:, -1].argmax(-1)
-    return logits, t_prefill, step_times
+def ratios(timings: dict) -> list[float]:
+    return [t / o for o, t in zip(timings["ours"], timings["theirs"])]
 
 
 def prefill_flops(config: M1Config, B: int, T: int) -> float:
@@ -112,10 +131,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="prompt length per sequence")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3, help="prefills per implementation (alternating)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--reference", action="store_true", help="run m1model on its pure-PyTorch references")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config = M1Config.preset(args.preset)
     config = M1Config.preset(args.preset, rotary_dim=config.head_dim)  # transformers rotates the whole head
@@ -132,45 +155,44 @@ def main() -> None:
         model.init_weights(std=0.02, generator=torch.Generator().manual_seed(args.seed))
         model.save_pretrained(tmp)
         del model
-        ours = M1ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-        theirs = load_transformers(tmp, dtype)
+        ours_model = M1ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        theirs_model = load_transformers(tmp, dtype)
 
     status = ops.status()
     print("m1model ops:", status)
     ceiling = mm_gflops()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens))
+    ours, theirs = Ours(ours_model), Theirs(theirs_model)
 
     # Warm-up on a short prompt (allocator, thread pool, lazily built tables).
-    run_ours(ours, ids[:, :64], 2)
-    run_transformers(theirs, ids[:, :64], 2)
-
-    lo, t_pre_ours, steps_ours = run_ours(ours, ids, args.decode_steps)
-    lt, t_pre_hf, steps_hf = run_transformers(theirs, ids, args.decode_steps)
+    measure(ours, theirs, ids[:, :64], 2, 1)
+    prefill, decode, lo, lt = measure(ours, theirs, ids, args.decode_steps, args.repeat)
     agree = ((lo.double() - lt.double()).norm() / lt.double().norm()).item()
     print(f"prefill last-position logits, relative difference m1model vs transformers: {agree:.2e}")
 
     B, T = args.batch, args.tokens
     flops = prefill_flops(config, B, T)
-    step_ours, step_hf = statistics.median(steps_ours), statistics.median(steps_hf)
-    rows = [
-        dict(phase="prefill", tokens=B * T, ours_tps=B * T / t_pre_ours, hf_tps=B * T / t_pre_hf,
-             speedup=t_pre_hf / t_pre_ours, gflops=flops / t_pre_ours / 1e9,
-             of_ceiling=flops / t_pre_ours / 1e9 / ceiling),
-        dict(phase=f"decode @{T}", tokens=B * args.decode_steps, ours_tps=B / step_ours, hf_tps=B / step_hf,
-             speedup=step_hf / step_ours),
-    ]
+    med = {k: {who: statistics.median(v) for who, v in d.items()} for k, d in (("prefill", prefill), ("decode", decode))}
+    rows = []
+    for phase, d, n in (("prefill", prefill, B * T), (f"decode @{T}", decode, B)):
+        m = med["prefill" if phase == "prefill" else "decode"]
+        r = ratios(d)
+        rows.append(dict(phase=phase, ours_tps=n / m["ours"], hf_tps=n / m["theirs"], speedup=statistics.median(r),
+                         lo=min(r), hi=max(r),
+                         gflops=flops / m["ours"] / 1e9 if phase == "prefill" else None,
+                         of_ceiling=flops / m["ours"] / 1e9 / ceiling if phase == "prefill" else None))
     print(f"{args.preset}: {config.num_hidden_layers} layers, D={config.hidden_size}, H={config.num_attention_heads}"
           f"x{config.head_dim}, E={config.num_local_experts} top-{config.num_experts_per_tok}, {args.dtype}, "
-          f"B={B}, torch.mm ceiling {ceiling:.0f} GFLOP/s")
-    print_table(rows, [("phase", "phase", "s"), ("tokens", "tokens", "d"), ("ours_tps", "m1model tok/s", ".1f"),
+          f"B={B}, T={T}, {torch.get_num_threads()} threads, torch.mm ceiling {ceiling:.0f} GFLOP/s; speedup = median of paired ratios [min, max]")
+    print_table(rows, [("phase", "phase", "s"), ("ours_tps", "m1model tok/s", ".1f"),
                        ("hf_tps", "transformers tok/s", ".1f"), ("speedup", "speedup", ".2f"),
+                       ("lo", "min", ".2f"), ("hi", "max", ".2f"),
                        ("gflops", "m1 GFLOP/s", ".1f"), ("of_ceiling", "of mm ceiling", ".2f")])
-    write_json(f"model_{args.preset}_{args.dtype}_B{B}_T{T}", {
-        "config": config.to_dict(), "dtype": args.dtype, "batch": B, "tokens": T,
+    write_json(f"model_{args.preset}_{args.dtype}_B{B}_T{T}_threads{torch.get_num_threads()}", {
+        "config": config.to_dict(), "dtype": args.dtype, "batch": B, "tokens": T, "repeat": args.repeat,
         "decode_steps": args.decode_steps, "ops_status": status, "reference": args.reference,
         "mm_gflops": ceiling, "logits_rel_diff": agree, "rows": rows,
-        "prefill_s": {"ours": t_pre_ours, "transformers": t_pre_hf},
-        "decode_step_s": {"ours": steps_ours, "transformers": steps_hf},
+        "prefill_s": prefill, "decode_step_s": decode,
     })
 
 

@@ -20,6 +20,7 @@ Repetition stop (MiniMax-M1 paper): a sequence halts when its last
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -132,7 +133,7 @@ def generate(
     if any(t < 0 or t >= V for p in prompt_ids for t in p):
         raise ValueError(f"prompt token ids must lie in [0, {V})")
     eos = _eos_set(model.config.eos_token_id if eos_token_id is None else eos_token_id)
-    log_p = _log(repetition_prob)
+    log_p = math.log(repetition_prob) if repetition_prob > 0 else -math.inf  # prob > p  <=>  log-prob > log p
 
     B, device = len(prompt_ids), model.device
     tokens: list[list[int]] = [[] for _ in range(B)]
@@ -176,6 +177,3 @@ def generate(
         hidden = model.hidden_states(next_tok[:, None], cache=cache)[:, 0]
     return GenerationOutput(tokens, [torch.tensor(lp, dtype=torch.float32) for lp in logprobs], reasons)
 
-
-def _log(p: float) -> float:
-    return float("-inf") if p == 0.0 else float(torch.tensor(p, dtype=torch.float64).log())
