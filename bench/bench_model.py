@@ -160,7 +160,7 @@ def main() -> None:
 
     status = ops.status()
     print("m1model ops:", status)
-    ceiling = mm_gflops()
+    ceiling = mm_gflops(dtype=dtype)  # in the weights' dtype: bf16 GEMMs can be much faster than fp32 ones
     ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens))
     ours, theirs = Ours(ours_model), Theirs(theirs_model)
 
@@ -183,7 +183,8 @@ def main() -> None:
                          of_ceiling=flops / m["ours"] / 1e9 / ceiling if phase == "prefill" else None))
     print(f"{args.preset}: {config.num_hidden_layers} layers, D={config.hidden_size}, H={config.num_attention_heads}"
           f"x{config.head_dim}, E={config.num_local_experts} top-{config.num_experts_per_tok}, {args.dtype}, "
-          f"B={B}, T={T}, {torch.get_num_threads()} threads, torch.mm ceiling {ceiling:.0f} GFLOP/s; speedup = median of paired ratios [min, max]")
+          f"B={B}, T={T}, {torch.get_num_threads()} threads, torch.mm {args.dtype} ceiling {ceiling:.0f} GFLOP/s")
+    print("speedup = transformers time / m1model time, median of the paired runs [min, max]")
     print_table(rows, [("phase", "phase", "s"), ("ours_tps", "m1model tok/s", ".1f"),
                        ("hf_tps", "transformers tok/s", ".1f"), ("speedup", "speedup", ".2f"),
                        ("lo", "min", ".2f"), ("hi", "max", ".2f"),

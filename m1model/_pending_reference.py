@@ -144,7 +144,9 @@ def fused_moe(
             f"{tuple(topk_weights.shape)}, topk_ids {tuple(topk_ids.shape)}"
         )
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
-        raise ValueError(f"fused_moe: topk_ids must lie in [0, {E}), got values in [{int(topk_ids.min())}, {int(topk_ids.max())}]")
+        raise ValueError(
+            f"fused_moe: topk_ids must lie in [0, {E}), got values in [{int(topk_ids.min())}, {int(topk_ids.max())}]"
+        )
     dt = _compute_dtype(x, w_gate_up)
     k = topk_ids.shape[1]
     # Group the (token, slot) pairs by expert: a stable sort of the flat ids is the permutation,

@@ -255,7 +255,9 @@ def _decay_buffers(config: M1Config, layer: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _tensors_to_save(model, layout: str, transformers_buffers: bool) -> Iterator[tuple[str, Callable[[], torch.Tensor], int]]:
+def _tensors_to_save(
+    model, layout: str, transformers_buffers: bool
+) -> Iterator[tuple[str, Callable[[], torch.Tensor], int]]:
     """(name, producer, bytes) of every tensor of the checkpoint, produced lazily (bounded memory)."""
     config: M1Config = model.config
     Fdim = config.intermediate_size

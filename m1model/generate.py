@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = model.generate(
         [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_token_id=eos if eos is not None else (), generator=torch.Generator(model.device).manual_seed(args.seed),
+        top_p=args.top_p, eos_token_id=eos if eos is not None else (),
+        generator=torch.Generator(model.device).manual_seed(args.seed),
         repetition_window=args.repetition_window, repetition_prob=args.repetition_prob, on_token=on_token,
     )
     seconds = time.perf_counter() - t0

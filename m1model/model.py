@@ -347,14 +347,19 @@ class M1ForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if position_ids is not None and position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"position_ids must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(position_ids.shape)}"
+            )
         B, T = input_ids.shape
         unpack = None
         if attention_mask is not None:
             if cu_seqlens is not None:
                 raise ValueError("give attention_mask (padded batch) or cu_seqlens (packed batch), not both")
             if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
             mask = attention_mask.bool()
             if not bool(mask.all()):
                 keep = mask.reshape(-1).nonzero().squeeze(1)  # [tokens]: row-major order keeps each row's order
