@@ -120,10 +120,9 @@ def test_tensor_dtypes_views_and_shared_storage(tmp_path):
 def test_atomic_write_exception_leaves_old_file(tmp_path):
     target = tmp_path / "f.txt"
     atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with ckpt.atomic_path(target) as tmp:
-            tmp.write_text("new, half written")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ckpt.atomic_path(target) as tmp:
+        tmp.write_text("new, half written")
+        raise RuntimeError("boom")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["f.txt"]
 

@@ -17,8 +17,8 @@ from m1model.rl.losses import (
     cispo_stats,
     dapo_loss,
     global_token_count,
-    grpo_loss,
     group_advantages,
+    grpo_loss,
     ppo_clip_stats,
     zero_variance_groups,
 )
@@ -278,7 +278,7 @@ def test_data_parallel_ranks_simulated(name):
     logp, old, adv, mask = random_batch(B=12, T=6, spread=0.8)
     (g_full,) = torch.autograd.grad(fn(logp, old, adv, mask, None, None), logp)
     W = 3
-    ranks = [list(range(0, 5)), list(range(5, 7)), list(range(7, 12))]  # unequal shards
+    ranks = [list(range(5)), list(range(5, 7)), list(range(7, 12))]  # unequal shards
     n_tok = global_token_count([mask]) / W   # DDP divides by W: pre-multiply
     n_seq = mask.shape[0] / W
     averaged = torch.zeros_like(logp)

@@ -83,7 +83,7 @@ def test_plot_one_and_several_runs(tmp_path):
     runs = {}
     for algo, slope in (("cispo", 0.02), ("grpo", 0.01)):
         with MetricsWriter(tmp_path / algo / "metrics.jsonl") as w:
-            for s in range(0, 40):
+            for s in range(40):
                 w.write(s, reward_mean=slope * s, accuracy=(slope * s if s % 5 == 0 else None))
         runs[algo] = tmp_path / algo
     fig = plot_metrics(runs, tmp_path / "cmp.png")

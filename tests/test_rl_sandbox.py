@@ -66,6 +66,10 @@ def test_reward_callable_and_code_extraction():
     assert reward("add two numbers", "def add(a, b):\n    return 3\n") == 0.5
     strict = PythonFunctionReward(problems.__getitem__, limits=FAST, all_or_nothing=True)
     assert strict("add two numbers", "def add(a, b):\n    return 3\n") == 0.0
+    assert reward.many(["add two numbers"] * 3, ["def add(a, b):\n    return a + b\n", "def add(a, b):\n    return 3\n",
+                                                 "import os\ndef add(a, b):\n    os.fork()\n"], max_workers=3) == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        reward.many(["a", "b"], ["c"])
     assert extract_code("def f():\n    return 1\n.") == "def f():\n    return 1\n"    # END marker dropped
     assert extract_code("text\n```py\nx = 1\n```\nmore") == "x = 1\n"
 

@@ -146,7 +146,7 @@ def test_tokenizer_batches():
     assert ids.shape == mask.shape == (2, 7)
     assert ids[0, :2].tolist() == [tok.pad_id] * 2 and mask[0].tolist() == [False] * 2 + [True] * 5
     assert tok.decode(ids[0]) == "1+2=" and tok.decode(ids[1]) == "10+20="
-    right, rmask = tok.encode_batch(["1+2=", "10+20="], padding_side="right")
+    _, rmask = tok.encode_batch(["1+2=", "10+20="], padding_side="right")
     assert rmask[0].tolist() == [True] * 5 + [False] * 2
     seq, target = tok.encode_pair("1+2=", "3.")
     assert tok.decode(seq[target]) == "3." and tok.decode(seq[~target]) == "1+2="

@@ -50,6 +50,10 @@ Threat model and its limits, plainly:
     possible: the child runs as the parent's user and only the hook guards
     the parent's files -- run untrusted code from a root or dedicated-user
     trainer, or in a container/VM, for real isolation.
+  * Concurrent runs (`PythonFunctionReward.many`) share the sandbox uid, so
+    code that got past the hook could signal or trace another candidate's
+    process and spoil its score; give each worker its own `user` if that
+    matters.
   * Outputs are not trusted: a candidate could print a fake result line, but it
     can only claim values for the inputs it was given and the parent compares
     them with expected values it never sees, so faking a result is no easier
@@ -70,6 +74,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +135,7 @@ def _spawn_kwargs(uid: int | None) -> dict:
     return {"user": uid, "group": uid, "extra_groups": []}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _interpreter(uid: int | None, requested: str | None) -> str:
     """An interpreter the sandbox user can start (probed once): ours, our base one, or python3."""
     if requested is not None:
@@ -154,7 +159,7 @@ def _interpreter(uid: int | None, requested: str | None) -> str:
                        "Pass SandboxLimits(python=...) with one outside private directories (e.g. /usr/bin/python3).")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _netns_prefix(uid: int | None, python: str) -> tuple[str, ...]:
     """("unshare", "--user", "--net", "--") if the sandbox user can create namespaces here, else ()."""
     unshare = shutil.which("unshare")
@@ -318,7 +323,7 @@ def extract_code(completion: str) -> str:
     m = _FENCE.search(completion)
     if m:
         return m.group(1)
-    return completion[: -len(END)] if completion.endswith(END) else completion
+    return completion.removesuffix(END)
 
 
 @dataclass(frozen=True)
@@ -345,7 +350,17 @@ class PythonFunctionReward:
         return run_function_tests(extract_code(completion), problem.entry_point, problem.cases, self.limits)
 
     def __call__(self, prompt: str, completion: str) -> float:
-        result = self.run(prompt, completion)
+        return self._score(self.run(prompt, completion))
+
+    def _score(self, result: SandboxResult) -> float:
         if self.all_or_nothing:
             return float(result.status == "ok" and result.passed == result.total)
         return result.score
+
+    def many(self, prompts: Sequence[str], completions: Sequence[str], *, max_workers: int | None = None) -> list[float]:
+        """Rewards of many (prompt, completion) pairs, `max_workers` sandboxes at a time (default:
+        the CPU count). Runs share the sandbox uid; see the module docstring."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"PythonFunctionReward.many: {len(prompts)} prompts but {len(completions)} completions")
+        with ThreadPoolExecutor(max_workers=max_workers or os.cpu_count() or 1) as pool:
+            return list(pool.map(self, prompts, completions))
