@@ -105,5 +105,9 @@ def test_cli(tmp_path, capsys):
             w.write(1, reward_mean=1.0, accuracy=0.5)
     main([str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl"), "--out", str(tmp_path / "p.png")])
     assert "wrote" in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 1000
+    main(["--compare", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(tmp_path / "q.png"), "--keys", "accuracy"])
+    assert (tmp_path / "q.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main([str(tmp_path / "a")])                     # --out is required
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "r.png")])        # no run

@@ -54,6 +54,10 @@ def test_correct_partial_and_broken_code():
     assert (syntax.load_error, syntax.score) == ("SyntaxError", 0.0)
     missing = run("def other(a, b):\n    return a + b\n", cases, entry="add")
     assert (missing.load_error, missing.score) == ("KeyError", 0.0)
+    with pytest.raises(ValueError, match="JSON-encodable"):
+        run("def f(x):\n    return x\n", [((object(),), 1)])
+    with pytest.raises(ValueError, match="entry_point"):
+        run("def f():\n    return 1\n", entry="not an identifier")
     # Tuples compare as lists (JSON), expected values never reach the child.
     pair = run("def f():\n    return (1, 2)\n", [((), [1, 2])])
     assert pair.score == 1.0

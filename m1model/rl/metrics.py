@@ -11,6 +11,7 @@ step-S checkpoint -- so a resumed run's file equals an uninterrupted run's.
 Plot from the command line (one run or several to compare):
 
     python -m m1model.rl.metrics RUN_DIR_OR_JSONL [MORE ...] --out reward.png [--keys reward_mean,accuracy]
+    python -m m1model.rl.metrics --compare runs/cispo,runs/grpo,runs/dapo --out compare.png
 """
 
 from __future__ import annotations
@@ -172,12 +173,15 @@ def plot_metrics(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m m1model.rl.metrics", description="Plot metrics.jsonl files.")
-    parser.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files; several are compared")
+    parser.add_argument("runs", nargs="*", help="run directories or metrics.jsonl files; several are compared")
+    parser.add_argument("--compare", default="", help="more runs, comma-separated (same as listing them)")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--keys", default=",".join(DEFAULT_PLOT_KEYS), help="comma-separated metric keys")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
-    paths = [Path(r) for r in args.runs]
+    paths = [Path(r) for r in [*args.runs, *filter(None, args.compare.split(","))]]
+    if not paths:
+        parser.error("give at least one run directory or metrics.jsonl")
     labels = [p.parent.name if p.name == "metrics.jsonl" else p.name for p in paths]
     if len(set(labels)) < len(labels):   # same directory names: label by the full path
         labels = [str(p) for p in paths]

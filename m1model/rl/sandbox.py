@@ -192,8 +192,12 @@ def run_function_tests(
     """
     if not isinstance(code, str) or not isinstance(entry_point, str) or not entry_point.isidentifier():
         raise ValueError("run_function_tests: code must be a str and entry_point a Python identifier")
-    inputs = [json.dumps(list(args)) for args, _ in cases]
-    expected = [_json_normalise(exp) for _, exp in cases]
+    try:
+        inputs = [json.dumps(list(args), allow_nan=False) for args, _ in cases]
+        expected = [_json_normalise(exp) for _, exp in cases]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"run_function_tests: cases must be (args, expected) pairs of JSON-encodable values: {e}") \
+            from None
     uid = _target_user(limits)
     python = _interpreter(uid, limits.python)
     prefix = () if limits.network_namespace is False else _netns_prefix(uid, python)
