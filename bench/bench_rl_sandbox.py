@@ -12,6 +12,7 @@ absolute times say how many rewards per second one core can score.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 
 from common import print_table, time_ms, write_json
@@ -31,18 +32,25 @@ def main() -> None:
     uid = sandbox._target_user(SandboxLimits())
     python = sandbox._interpreter(uid, None)
     netns = bool(sandbox._netns_prefix(uid, python))
-    floor = time_ms(lambda: subprocess.run([python, "-I", "-S", "-c", "pass"], check=True), repeat=args.repeat)
-
-    configs = {
+    calls = {"python -I -S -c pass": lambda: subprocess.run([python, "-I", "-S", "-c", "pass"], check=True)}
+    for name, limits in {
         "all layers": SandboxLimits(),
         "no network namespace": SandboxLimits(network_namespace=False),
         "no namespace, no hook": SandboxLimits(network_namespace=False, audit_hook=False),
-    }
-    rows = [{"config": "python -I -S -c pass", "ms": floor, "ratio": 1.0, "per_s": 1e3 / floor}]
-    for name, limits in configs.items():
+    }.items():
         result = run_function_tests(CODE, "add", CASES, limits)
         assert result.score == 1.0, result
-        ms = time_ms(lambda limits=limits: run_function_tests(CODE, "add", CASES, limits), repeat=args.repeat)
+        calls[name] = lambda limits=limits: run_function_tests(CODE, "add", CASES, limits)
+    # Round-robin over the configurations, so that load from other processes
+    # drifting during the run hits all of them alike; medians per configuration.
+    times = {name: [] for name in calls}
+    for _ in range(args.repeat):
+        for name, fn in calls.items():
+            times[name].append(time_ms(fn, repeat=1, warmup=0))
+    floor = statistics.median(times["python -I -S -c pass"])
+    rows = []
+    for name, ts in times.items():
+        ms = statistics.median(ts)
         rows.append({"config": name, "ms": ms, "ratio": ms / floor, "per_s": 1e3 / ms})
     print(f"sandbox uid: {uid}, network namespace available: {netns}, interpreter: {python}")
     print_table(rows, [("config", "configuration", "<24"), ("ms", "ms/call", ">8.1f"),
