@@ -339,8 +339,9 @@ def _ddp_worker(rank, world, init_file, result_file):
     if rank == 0:
         err = (policy.weight.grad - ref.weight.grad).abs().max().item()
         scale = ref.weight.grad.abs().max().item()
-        same_stats = (stats.tokens, stats.clipped) == (full_stats.tokens, full_stats.clipped) and \
-            math.isclose(stats.ratio_sum, full_stats.ratio_sum, rel_tol=1e-12) and stats.ratio_max == full_stats.ratio_max
+        same_stats = ((stats.tokens, stats.clipped) == (full_stats.tokens, full_stats.clipped)
+                      and math.isclose(stats.ratio_sum, full_stats.ratio_sum, rel_tol=1e-12)
+                      and stats.ratio_max == full_stats.ratio_max)
         with open(result_file, "w") as f:
             f.write(f"{err} {scale} {int(same_stats)} {count}")
     dist.destroy_process_group()

@@ -24,6 +24,11 @@ from m1model.rl.sandbox import (
 IS_ROOT = os.geteuid() == 0
 FAST = SandboxLimits(wall_time_s=3.0, cpu_time_s=2)
 
+try:
+    sandbox._interpreter(sandbox._target_user(FAST), None)
+except sandbox.SandboxError as e:   # e.g. root whose only Python lives under /root (mode 0700)
+    pytest.skip(f"no interpreter the sandbox user can run: {e}", allow_module_level=True)
+
 
 def run(code, cases=(((), 1),), limits=FAST, entry="f"):
     return run_function_tests(textwrap.dedent(code), entry, list(cases), limits)
@@ -70,8 +75,9 @@ def test_reward_callable_and_code_extraction():
     assert reward("add two numbers", "def add(a, b):\n    return 3\n") == 0.5
     strict = PythonFunctionReward(problems.__getitem__, limits=FAST, all_or_nothing=True)
     assert strict("add two numbers", "def add(a, b):\n    return 3\n") == 0.0
-    assert reward.many(["add two numbers"] * 3, ["def add(a, b):\n    return a + b\n", "def add(a, b):\n    return 3\n",
-                                                 "import os\ndef add(a, b):\n    os.fork()\n"], max_workers=3) == [1.0, 0.5, 0.0]
+    answers = ["def add(a, b):\n    return a + b\n", "def add(a, b):\n    return 3\n",
+               "import os\ndef add(a, b):\n    os.fork()\n"]
+    assert reward.many(["add two numbers"] * 3, answers, max_workers=3) == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         reward.many(["a", "b"], ["c"])
     assert extract_code("def f():\n    return 1\n.") == "def f():\n    return 1\n"    # END marker dropped
@@ -183,7 +189,8 @@ def test_writes_outside_the_directory_are_refused(open_dir, how):
 def test_write_outside_control_without_the_hook(open_dir):
     """The attack above is real: in a world-writable directory only the hook stops it."""
     target = open_dir / "pwned.txt"
-    r = run(f"def f():\n    open({str(target)!r}, 'w').write('x')\n    return 1\n", limits=SandboxLimits(audit_hook=False))
+    code = f"def f():\n    open({str(target)!r}, 'w').write('x')\n    return 1\n"
+    r = run(code, limits=SandboxLimits(audit_hook=False))
     assert r.score == 1.0 and target.read_text() == "x"
 
 

@@ -142,9 +142,8 @@ def install_hook(workdir, lib_roots, max_files):
                 p = _text(args[0])
                 if not _inside(p, _read):
                     raise _err(f"sandbox: listing {p} is not allowed")
-        elif event == "object.__setattr__":
-            if args[1] in ("__code__", "__defaults__", "__kwdefaults__"):
-                raise _err(f"sandbox: setting {args[1]} is not allowed")
+        elif event == "object.__setattr__" and args[1] in ("__code__", "__defaults__", "__kwdefaults__"):
+            raise _err(f"sandbox: setting {args[1]} is not allowed")
 
     sys.addaudithook(hook)
 

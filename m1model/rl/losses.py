@@ -356,7 +356,8 @@ class LossStats:
         if not _distributed():
             return self
         device = _reduce_device(group)
-        sums = torch.tensor([self.tokens, self.clipped, self.masked, self.ratio_sum], dtype=torch.float64, device=device)
+        sums = torch.tensor([self.tokens, self.clipped, self.masked, self.ratio_sum],
+                            dtype=torch.float64, device=device)
         hi = torch.tensor([self.ratio_max], dtype=torch.float64, device=device)
         lo = torch.tensor([self.ratio_min], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums, group=group)

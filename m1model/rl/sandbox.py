@@ -149,7 +149,7 @@ def _interpreter(uid: int | None, requested: str | None) -> str:
         try:
             probe = subprocess.run([exe, "-I", "-S", "-B", "-c", "import sys; assert sys.version_info >= (3, 8)"],
                                    cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                                   **_spawn_kwargs(uid))
+                                   check=False, **_spawn_kwargs(uid))
         except OSError as e:   # e.g. the sandbox user may not enter a private directory on the way
             tried.append(f"{exe} ({e.strerror})")
             continue
@@ -169,7 +169,7 @@ def _netns_prefix(uid: int | None, python: str) -> tuple[str, ...]:
     cmd = [unshare, "--user", "--net", "--", python, "-I", "-S", "-B", "-c", "pass"]
     try:
         probe = subprocess.run(cmd, cwd="/", env={}, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                               **_spawn_kwargs(uid))
+                               check=False, **_spawn_kwargs(uid))
     except OSError:
         return ()
     return (unshare, "--user", "--net", "--") if probe.returncode == 0 else ()
@@ -382,7 +382,8 @@ class PythonFunctionReward:
             return float(result.status == "ok" and result.passed == result.total)
         return result.score
 
-    def many(self, prompts: Sequence[str], completions: Sequence[str], *, max_workers: int | None = None) -> list[float]:
+    def many(self, prompts: Sequence[str], completions: Sequence[str], *,
+             max_workers: int | None = None) -> list[float]:
         """Rewards of many (prompt, completion) pairs, `max_workers` sandboxes at a time (default:
         the CPU count). Runs share the sandbox uid; see the module docstring."""
         if len(prompts) != len(completions):

@@ -95,7 +95,8 @@ class CharTokenizer:
         Left padding (default) lines prompts up at their last token for batched generation.
         """
         if padding_side not in ("left", "right"):
-            raise ValueError(f"CharTokenizer.encode_batch: padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise ValueError(f"CharTokenizer.encode_batch: padding_side must be 'left' or 'right', "
+                             f"got {padding_side!r}")
         seqs = [self.encode(t, bos=bos) for t in texts]
         L = max((len(s) for s in seqs), default=0)
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.int64)
@@ -372,7 +373,9 @@ class CountdownTask(Task):
             nodes = [(n, Fraction(n)) for n in nums]                # (tree, value)
             while len(nodes) > 1:
                 (ta, va), (tb, vb) = nodes.pop(rng.randrange(len(nodes))), nodes.pop(rng.randrange(len(nodes)))
-                ops = ["+", "*"] + (["-"] if va > vb else []) + (["/"] if vb != 0 and (va / vb).denominator == 1 else [])
+                ops = ["+", "*"] + (["-"] if va > vb else [])
+                if vb != 0 and (va / vb).denominator == 1:
+                    ops.append("/")
                 op = rng.choice(ops)
                 value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else None}[op]
                 nodes.append(((op, ta, tb), value))
