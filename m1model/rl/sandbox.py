@@ -191,6 +191,7 @@ def run_function_tests(
     round trip (tuples compare as lists). Returns a SandboxResult whose `score`
     is the fraction passed (0 if the run did not complete).
     """
+    cases = list(cases)
     if not isinstance(code, str) or not isinstance(entry_point, str) or not entry_point.isidentifier():
         raise ValueError("run_function_tests: code must be a str and entry_point a Python identifier")
     try:
@@ -243,7 +244,10 @@ def run_function_tests(
         if at_limit and result.status != "ok":
             result.status = "output_limit"
     finally:
-        shutil.rmtree(workdir, onerror=_force_remove)
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(workdir, onexc=_force_remove)
+        else:
+            shutil.rmtree(workdir, onerror=_force_remove)
     return result
 
 
@@ -280,7 +284,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _force_remove(func, path, exc_info) -> None:
+def _force_remove(func, path, _exc) -> None:
     """rmtree error handler: the child may have removed its own permissions; restore and retry once."""
     try:
         os.chmod(os.path.dirname(path), 0o700)
