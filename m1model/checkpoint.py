@@ -25,9 +25,7 @@ code's self_attn.rotary_emb.inv_freq (softmax layers) is skipped too.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m1model.config import M1Config
+from m1model.io import CheckpointError, atomic_path, fsync_dir
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -47,10 +46,6 @@ _ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
 _BUFFER = re.compile(r"model\.layers\.(\d+)\.self_attn\.(" + "|".join(DERIVED_BUFFERS) + ")")
 _INV_FREQ = re.compile(r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq")  # the original code's RoPE table
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: unknown, missing or misshapen tensors, or pickles."""
 
 
 def _listing(title: str, names: list[str], limit: int = 40) -> str:
@@ -286,29 +281,6 @@ def _tensors_to_save(
                 yield f"model.layers.{layer}.self_attn.{buf}", lambda v=value: v, value.numel() * 4
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then fsync and rename over `path`: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @torch.no_grad()
 def save_pretrained(model, path, *, layout: str = "per_expert", max_shard_bytes: int = 5 * 2**30,
                     transformers_buffers: bool = True) -> None:
@@ -337,18 +309,21 @@ def save_pretrained(model, path, *, layout: str = "per_expert", max_shard_bytes:
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file, shard in zip(names, shards):
         tensors = {name: produce().contiguous().cpu() for name, produce in shard}
-        _atomic_write(path / file, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
+        with atomic_path(path / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         del tensors
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, s in zip(names, shards) for k, _ in s}}
-        _atomic_write(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+        with atomic_path(path / INDEX_FILE) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
     config = model.config.to_dict()
     config["dtype"] = str(model.dtype).replace("torch.", "")
-    _atomic_write(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    with atomic_path(path / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     # Files of an earlier save that this one does not use would confuse a loader.
     stale = [p for p in path.glob("model*.safetensors") if p.name not in names]
     if n == 1 and (path / INDEX_FILE).exists():
         stale.append(path / INDEX_FILE)
     for p in stale:
         p.unlink()
-    _fsync_dir(path)
+    fsync_dir(path)

@@ -13,6 +13,12 @@ before top-k / top-p truncation (the distribution a trainer recomputes with
 m1ops.fp32_logprobs at the same temperature); greedy decoding reports them
 under temperature 1.
 
+Reproducibility: with one torch.Generator the samples of a prompt depend on the
+other prompts of the batch (they share the stream). With one generator per
+prompt (a list), each prompt's samples depend only on its own generator, so
+the same prompt gives the same continuation in any batch -- what a trainer
+needs to split rollouts across data-parallel ranks without changing them.
+
 Repetition stop (MiniMax-M1 paper): a sequence halts when its last
 `repetition_window` generated tokens each had probability > `repetition_prob`
 (under the same distribution as the log-probs).
@@ -44,9 +50,12 @@ def sample_next(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] float32 -> (tokens [B] int64, log-probs [B] float32); temperature 0 is greedy."""
+    """logits [B, V] float32 -> (tokens [B] int64, log-probs [B] float32); temperature 0 is greedy.
+
+    generator: one generator for the batch, or a sequence of B generators (row b samples with its own).
+    """
     logits = logits.float()
     if temperature == 0.0:
         tokens = logits.argmax(dim=-1)  # first maximum on ties
@@ -65,7 +74,13 @@ def sample_next(
         drop_sorted = before >= top_p  # keeps the smallest prefix holding top_p of the mass (never empty)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         masked = masked.masked_fill(drop, float("-inf"))
-    tokens = torch.multinomial(torch.softmax(masked, dim=-1), 1, generator=generator)[:, 0]
+    probs = torch.softmax(masked, dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    else:
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"sample_next: got {len(generator)} generators for {probs.shape[0]} rows")
+        tokens = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -100,7 +115,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     repetition_window: int = 3000,
     repetition_prob: float = 0.99,
     on_token: Callable[[int, int], None] | None = None,
@@ -112,7 +127,8 @@ def generate(
         temperature: 0 = greedy; otherwise sample from softmax(logits / temperature).
         top_k, top_p: keep the k most likely tokens / the smallest set holding top_p of the mass.
         eos_token_id: id or ids that end a sequence; None: the config's; () never stops on EOS.
-        generator: a torch.Generator on the model's device, for reproducible sampling.
+        generator: a torch.Generator on the model's device, for reproducible sampling; or one
+            generator per prompt, so that each prompt's samples do not depend on the batch.
         repetition_window, repetition_prob: the repetition stop (see the module docstring).
         on_token: called as on_token(prompt_index, token) for every generated token, in order.
     """
@@ -132,6 +148,11 @@ def generate(
     V = model.config.vocab_size
     if any(t < 0 or t >= V for p in prompt_ids for t in p):
         raise ValueError(f"prompt token ids must lie in [0, {V})")
+    generators = None
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generators = list(generator)
+        if len(generators) != len(prompt_ids):
+            raise ValueError(f"generator: got {len(generators)} generators for {len(prompt_ids)} prompts")
     eos = _eos_set(model.config.eos_token_id if eos_token_id is None else eos_token_id)
     log_p = math.log(repetition_prob) if repetition_prob > 0 else -math.inf  # prob > p  <=>  log-prob > log p
 
@@ -152,8 +173,9 @@ def generate(
     confident = [0] * B  # current run of tokens with probability > repetition_prob
     for step in range(max_new_tokens):
         logits = ops.fp32_logits(hidden, model.lm_head.weight)  # [b, V]
+        rows_gen = generator if generators is None else [generators[i] for i in active]
         next_tok, next_lp = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        generator=generator)
+                                        generator=rows_gen)
         keep = []
         for row, (i, tok, lp) in enumerate(zip(active, next_tok.tolist(), next_lp.tolist())):
             tokens[i].append(tok)

@@ -123,6 +123,32 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert run(0, top_k=1) == model.generate(prompts, max_new_tokens=12, eos_token_id=()).tokens
 
 
+def test_one_generator_per_prompt_makes_samples_batch_independent():
+    """With a generator per prompt, a prompt's continuation is the same alone or in any batch,
+    even when other sequences stop early (EOS) and leave the batch."""
+    model = random_model(TINY, seed=27)
+    prompts = prompts_of([4, 9, 13, 2])
+    seeds = [11, 12, 13, 14]
+
+    def run(idx, eos=()):
+        gens = [torch.Generator().manual_seed(seeds[i]) for i in idx]
+        return model.generate([prompts[i] for i in idx], max_new_tokens=10, temperature=1.2, eos_token_id=eos,
+                              generator=gens)
+
+    together = run([0, 1, 2, 3])
+    for i in range(4):
+        alone = run([i])
+        assert alone.tokens[0] == together.tokens[i]
+        torch.testing.assert_close(alone.logprobs[0], together.logprobs[i], rtol=1e-5, atol=1e-5)
+    eos = together.tokens[1][2]  # stops prompt 1 (and maybe others) early: rows leave the batch
+    stopped = run([3, 1, 0], eos=eos)
+    for got, i in zip(stopped.tokens, [3, 1, 0]):
+        full = together.tokens[i]
+        assert got == (full[: full.index(eos) + 1] if eos in full else full)
+    with pytest.raises(ValueError, match="3 generators for 4 prompts"):
+        model.generate(prompts, max_new_tokens=2, temperature=1.0, generator=[torch.Generator()] * 3)
+
+
 def test_eos_stops_one_sequence():
     model = random_model(TINY, seed=26)
     prompts = prompts_of([6, 6])

@@ -1,9 +1,7 @@
-"""Atomic files and training checkpoints: safetensors for tensors, JSON for the rest, no pickle.
+"""Training checkpoints: safetensors for tensors, JSON for the rest, no pickle.
 
-A file is written atomically by writing a temporary file in the same
-directory, flushing and fsync-ing it, renaming it over the target with
-os.replace (atomic on POSIX) and fsync-ing the directory so the rename itself
-survives a power cut. Readers see the old file or the new one, never a mix.
+Files are written atomically with m1model.io (temporary file, fsync, rename,
+fsync of the directory): readers see the old file or the new one, never a mix.
 
 A checkpoint directory DIR holds complete checkpoints and a pointer:
 
@@ -33,76 +31,24 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from m1model.io import (  # noqa: F401  (atomic_path, atomic_write_text: part of this module's API)
+    CheckpointError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+)
+
 FORMAT_VERSION = 1
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d{8,})(?:-(\d+))?")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is inconsistent (missing or truncated files)."""
-
-
-# ---------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory, so that renames and new entries in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path next to `path`; write the file there.
-
-    On normal exit the file is fsync-ed, renamed over `path` and the directory
-    fsync-ed. On an exception the temporary file is removed and `path` is
-    untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------- state <-> (JSON skeleton, tensors)
@@ -185,7 +131,7 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(_for_safetensors(tensors), str(path))
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
