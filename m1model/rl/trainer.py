@@ -379,6 +379,30 @@ def collect_rollouts(model, tokenizer, problems, cfg: TrainConfig, dp: parallel.
     return Rollouts.concat(dp.gather(local))
 
 
+def sample_batch(model, tokenizer, prompts, cfg: TrainConfig, dp: parallel.DataParallel, step: int, reward_fn,
+                 accuracy_fn) -> tuple[Rollouts, torch.Tensor, list[int], int]:
+    """Rollouts of `prompts_per_step` prompts from the iterator `prompts`, their group advantages [N],
+    and the groups to train on: those with reward variance when filtering (more rounds of prompts
+    until there are `prompts_per_step` of them, up to `max_sampling_rounds`), else all.
+    Returns (rollouts, advantages, kept group indices, prompts consumed)."""
+    parts, kept, used = [], [], 0
+    for round_ in range(cfg.max_sampling_rounds):
+        problems = list(itertools.islice(prompts, cfg.prompts_per_step))
+        used += len(problems)
+        ro = collect_rollouts(model, tokenizer, problems, cfg, dp, step, round_, reward_fn, accuracy_fn)
+        rewards = torch.tensor(ro.rewards, dtype=torch.float64)
+        keep = ~zero_variance_groups(rewards, cfg.group_size)
+        if not cfg.filters_groups:
+            keep = torch.ones_like(keep)
+        offset = sum(p[0].num_groups for p in parts)
+        kept += [offset + g for g in keep.nonzero().flatten().tolist()]
+        parts.append((ro, group_advantages(rewards, cfg.group_size)))
+        if len(kept) >= cfg.prompts_per_step or not cfg.filters_groups:
+            break
+    return (Rollouts.concat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), kept[: cfg.prompts_per_step],
+            used)
+
+
 def policy_update(model, train_model, opt, tokenizer, ro: Rollouts, rows: list[int], advantages: torch.Tensor,
                   cfg: TrainConfig, dp: parallel.DataParallel) -> dict:
     """`updates_per_step` optimiser steps on the kept rows of a rollout batch; returns their metrics."""
@@ -531,35 +555,23 @@ def train(
         sft_eval = evaluate(model, tokenizer, task, eval_set, cfg, dp)
         if dp.is_main:
             writer.write(0, {**sft, **sft_eval, "sft_s": time.perf_counter() - t0})
-    def save(step: int) -> None:
+
+    def save(step: int, consumed: int) -> None:
         if dp.is_main:
             save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer_state=opt.state_dict(), rng=rng_state(),
                             extra={"config": cfg.to_dict(), "prompts_consumed": consumed, "sft_eval": sft_eval},
                             keep=cfg.keep_checkpoints)
         dp.barrier()
 
-    if start == 0 and found is None:
-        save(0)
+    if found is None:
+        save(0, consumed)
     final_eval = None
     bar = _progress(cfg, dp, start)
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         # 1-2. rollouts, rewards, advantages; zero-variance groups dropped (refilled up to max rounds).
-        parts, kept = [], []
-        for round_ in range(cfg.max_sampling_rounds):
-            problems = list(itertools.islice(prompts, cfg.prompts_per_step))
-            consumed += len(problems)
-            ro = collect_rollouts(model, tokenizer, problems, cfg, dp, step, round_, reward_fn, accuracy_fn)
-            rewards = torch.tensor(ro.rewards, dtype=torch.float64)
-            informative = ~zero_variance_groups(rewards, cfg.group_size)
-            use = informative if cfg.filters_groups else torch.ones_like(informative)
-            parts.append((ro, group_advantages(rewards, cfg.group_size), use))
-            kept += [g for g in range(ro.num_groups) if use[g]]
-            if len(kept) >= cfg.prompts_per_step or not cfg.filters_groups:
-                break
-        ro = Rollouts.concat([p[0] for p in parts])
-        advantages = torch.cat([p[1] for p in parts])
-        groups = torch.cat([p[2] for p in parts]).nonzero().flatten().tolist()[: cfg.prompts_per_step]
+        ro, advantages, groups, used = sample_batch(model, tokenizer, prompts, cfg, dp, step, reward_fn, accuracy_fn)
+        consumed += used
         rows = [g * cfg.group_size + i for g in groups for i in range(cfg.group_size)]
         t_rollout = time.perf_counter() - t0
 
@@ -582,7 +594,7 @@ def train(
         if dp.is_main:
             writer.write(step, record)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save(step)
+            save(step, consumed)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
                         eval=f"{(final_eval or sft_eval)['eval_accuracy']:.2f}")
