@@ -115,3 +115,23 @@ def test_row_seed_is_stable_and_distinct():
     with pytest.raises(ValueError, match="one per row"):
         sample_rollouts(random_model(CONFIG), TOK, ["1+1="], group_size=2, seeds=[1], max_new_tokens=2,
                         reward_fn=lambda p, c: 0.0)
+
+
+def test_batched_reward_callables_are_called_once_per_batch():
+    """A reward with a many(prompts, completions) method (the sandbox reward) scores a batch at once."""
+
+    class Batched:
+        calls = []
+
+        def __call__(self, prompt, completion):
+            raise AssertionError("scored one by one")
+
+        def many(self, prompts, completions):
+            self.calls.append(len(prompts))
+            return [float(len(c)) for c in completions]
+
+    reward = Batched()
+    ro = sample_rollouts(random_model(CONFIG, seed=5), TOK, ["1+2=", "3+4="], group_size=3,
+                         seeds=list(range(6)), max_new_tokens=4, reward_fn=reward, temperature=1.0)
+    assert reward.calls == [6]
+    assert ro.rewards == [float(len(TOK.decode(r))) for r in ro.responses] == ro.correct

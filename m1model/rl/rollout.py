@@ -94,7 +94,8 @@ def sample_rollouts(
 
     seeds: [P * G] one seed per row (row i answers prompt i // G). The log-probs
     are generate's: fp32 head, under softmax(logits / temperature) before top-p.
-    accuracy_fn (optional) is logged as `correct`; it defaults to reward_fn.
+    accuracy_fn (optional) is logged as `correct`; it defaults to reward_fn. A
+    callable with a `many(prompts, completions)` method is called once per batch.
     """
     G = group_size
     if G < 1:
@@ -109,15 +110,22 @@ def sample_rollouts(
     gen = model.generate([ids for ids in out.prompt_ids for _ in range(G)], max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_id, generator=generators,
                          repetition_window=repetition_window, repetition_prob=repetition_prob)
-    accuracy_fn = accuracy_fn or reward_fn
-    for i, (tokens, lp, reason) in enumerate(zip(gen.tokens, gen.logprobs, gen.stop_reasons)):
-        prompt, completion = out.prompts[i // G], tokenizer.decode(tokens)
-        out.responses.append(list(tokens))
-        out.logprobs.append(lp.tolist())
-        out.stop_reasons.append(reason)
-        out.rewards.append(float(reward_fn(prompt, completion)))
-        out.correct.append(float(accuracy_fn(prompt, completion)))
+    out.responses = [list(t) for t in gen.tokens]
+    out.logprobs = [lp.tolist() for lp in gen.logprobs]
+    out.stop_reasons = list(gen.stop_reasons)
+    prompts_per_row = [out.prompts[i // G] for i in range(len(out.responses))]
+    completions = [tokenizer.decode(t) for t in out.responses]
+    out.rewards = _score(reward_fn, prompts_per_row, completions)
+    out.correct = out.rewards if accuracy_fn is None else _score(accuracy_fn, prompts_per_row, completions)
     return out
+
+
+def _score(fn, prompts: list[str], completions: list[str]) -> list[float]:
+    """fn(prompt, completion) for every pair; through fn.many(prompts, completions) when fn has it
+    (e.g. m1model.rl.sandbox.PythonFunctionReward, which runs its sandboxes in parallel)."""
+    many = getattr(fn, "many", None)
+    scores = many(prompts, completions) if callable(many) else [fn(p, c) for p, c in zip(prompts, completions)]
+    return [float(s) for s in scores]
 
 
 @dataclass
