@@ -38,6 +38,7 @@ class _Batch:
     sin: torch.Tensor | None
     cu_seqlens: torch.Tensor | None  # packed layout: [N+1] int64
     bounds: list[tuple[int, int]] | None  # packed layout: (start, end) of each sequence
+    same_length: list[torch.Tensor] | None  # packed layout: [m, L] token positions of the m sequences of length L
     cache: HybridCache | None
     positions: torch.Tensor  # [B, T] int64
 
@@ -132,6 +133,18 @@ class SoftmaxAttention(nn.Module):
         """q [B, H, Tq, Dh], k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh]."""
         return F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, enable_gqa=True, **kw)
 
+    def _packed(self, q, k, v, same_length: list[torch.Tensor]) -> torch.Tensor:
+        """q [T, H, Dh], k/v [T, Hkv, Dh] of packed sequences -> o [T, H, Dh]: causal attention within
+        each sequence, the sequences of one length batched into one SDPA call (many short sequences,
+        as in RL, would otherwise cost one call each)."""
+        index, outs = [], []
+        for idx in same_length:  # idx [m, L]
+            qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))  # [m, heads, L, Dh]
+            outs.append(self._sdpa(qb, kb, vb, is_causal=True).transpose(1, 2).flatten(0, 1))  # [m * L, H, Dh]
+            index.append(idx.flatten())
+        o = q.new_zeros(q.shape)
+        return o.index_copy(0, torch.cat(index), torch.cat(outs)) if outs else o
+
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim), batch.cos, batch.sin)
@@ -139,15 +152,11 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         cache = batch.cache
         if batch.bounds is not None:  # packed: one causal attention per sequence
-            outs = []
-            for n, (a, b) in enumerate(batch.bounds):
-                if cache is not None:
+            if cache is not None:
+                for n, (a, b) in enumerate(batch.bounds):
                     cache.write_prompt(self.layer_idx, n, k[0, a:b], v[0, a:b])
-                if b > a:
-                    qn, kn, vn = (t[:, a:b].transpose(1, 2) for t in (q, k, v))
-                    outs.append(self._sdpa(qn, kn, vn, is_causal=True))
-            o = torch.cat(outs, dim=2) if outs else q.transpose(1, 2)
-        elif cache is None:
+            return self.o_proj(self._packed(q[0], k[0], v[0], batch.same_length).reshape(B, T, -1))
+        if cache is None:
             o = self._sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         else:
             keys, values, mask = cache.append(self.layer_idx, k, v, batch.positions)
@@ -229,6 +238,15 @@ def _segment_positions(lengths: torch.Tensor) -> torch.Tensor:
     starts = torch.cumsum(lengths, 0) - lengths
     idx = torch.arange(int(lengths.sum()), device=lengths.device)
     return idx - torch.repeat_interleave(starts, lengths)
+
+
+def _same_length_groups(bounds: list[tuple[int, int]], device) -> list[torch.Tensor]:
+    """[m, L] token positions of the m non-empty sequences of each length L (packed layout)."""
+    starts: dict[int, list[int]] = {}
+    for a, b in bounds:
+        if b > a:
+            starts.setdefault(b - a, []).append(a)
+    return [torch.tensor(s, device=device)[:, None] + torch.arange(n, device=device) for n, s in starts.items()]
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> list[tuple[int, int]]:
@@ -399,8 +417,9 @@ class M1ForCausalLM(nn.Module):
         if self.config.softmax_layers:
             cos, sin = rope_tables(position_ids, self.config.rotary_dim, self.config.rope_theta)
         positions = cache_pos if cache is not None and bounds is None else position_ids
+        same_length = _same_length_groups(bounds, input_ids.device) if bounds is not None else None
         batch = _Batch(cos=cos, sin=sin, cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
-                       bounds=bounds, cache=cache, positions=positions)
+                       bounds=bounds, same_length=same_length, cache=cache, positions=positions)
         hidden = self.model(input_ids, batch)
         if cache is not None:
             if bounds is not None:

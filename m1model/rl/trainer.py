@@ -115,7 +115,7 @@ class TrainConfig:
     # --- run
     task: str = _f("addition", "built-in task: addition, sorting or countdown")
     algo: str = _f("cispo", "cispo, grpo or dapo")
-    steps: int = _f(100, "RL steps (one rollout batch and `updates_per_step` optimiser steps each)")
+    steps: int = _f(250, "RL steps (one rollout batch and `updates_per_step` optimiser steps each)")
     seed: int = _f(0, "seed of the initial weights, the data order and every sampling generator")
     out: str = _f("runs/m1-rl", "run directory: metrics.jsonl, checkpoints/, reward.png")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
@@ -135,15 +135,15 @@ class TrainConfig:
     expert_size: int = _f(128, "FFN width of one expert")
     block_size: int = _f(16, "lightning attention block")
     # --- SFT warm start on task demonstrations
-    sft_steps: int = _f(60, "supervised steps before RL (0: none)")
-    sft_batch_size: int = _f(32, "demonstrations per supervised step")
-    sft_lr: float = _f(3e-3, "AdamW learning rate of the warm start")
+    sft_steps: int = _f(400, "supervised steps before RL (0: none)")
+    sft_batch_size: int = _f(128, "demonstrations per supervised step")
+    sft_lr: float = _f(1e-3, "AdamW learning rate of the warm start")
     # --- RL
-    prompts_per_step: int = _f(32, "P: prompts per rollout batch")
+    prompts_per_step: int = _f(128, "P: prompts per rollout batch")
     group_size: int = _f(8, "G: responses sampled per prompt")
-    updates_per_step: int = _f(4, "optimiser steps per rollout batch, each on its own slice (paper: 16)")
-    micro_batch_size: int = _f(64, "responses per forward/backward (gradient accumulation)")
-    lr: float = _f(1e-3, "AdamW learning rate of RL")
+    updates_per_step: int = _f(2, "optimiser steps per rollout batch, each on its own slice (paper: 16)")
+    micro_batch_size: int = _f(512, "responses per forward/backward (gradient accumulation)")
+    lr: float = _f(2e-4, "AdamW learning rate of RL")
     warmup: int = _f(20, "RL optimiser steps of linear learning-rate warmup (a fresh Adam's first steps move "
                          "every weight by the full lr)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -160,10 +160,10 @@ class TrainConfig:
     repetition_window: int = _f(3000, "repetition stop: this many consecutive tokens ...")
     repetition_prob: float = _f(0.99, "... each with probability above this")
     # --- evaluation and checkpoints
-    eval_problems: int = _f(200, "held-out problems (eval split) scored greedily")
-    eval_every: int = _f(10, "evaluate every this many steps (and at the end)")
+    eval_problems: int = _f(400, "held-out problems (eval split) scored greedily")
+    eval_every: int = _f(25, "evaluate every this many steps (and at the end)")
     eval_seed: int = _f(0, "which held-out problems (the same for every training seed)")
-    save_every: int = _f(10, "checkpoint every this many steps (and at the end)")
+    save_every: int = _f(50, "checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
     # --- runtime
     threads: int = _f(1, "torch threads per process (tiny models: more threads only add synchronisation)")
