@@ -1,0 +1,104 @@
+"""The m1 ops as the model calls them, with a switch to their pure-PyTorch references.
+
+    from m1model import ops
+    ops.use_reference(True)          # every op below runs its reference from now on
+    with ops.use_reference(True):    # ... or only inside the block
+        model(ids)
+    ops.status()                     # {op: "m1ops" | "reference" | "fallback (...)"}
+
+Fast path: ``m1ops.<name>`` (C++/CUDA kernels). Reference path: the readable
+PyTorch implementation of the same math. An op that m1ops does not provide
+falls back to its reference with a one-time warning, and status() says so.
+Signatures are exactly m1ops' (DESIGN 3).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import m1ops
+from m1model import _pending_reference as _ref
+
+log = logging.getLogger("m1model.ops")
+
+OP_NAMES = ("lightning_attn", "lightning_attn_decode", "moe_route", "fused_moe", "fp32_logprobs", "fp32_logits")
+
+_state = {"reference": False}
+_warned: set[str] = set()
+
+
+class use_reference:
+    """Runs every op on its reference (True) or its kernel (False); also a context manager."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._previous = _state["reference"]
+        _state["reference"] = bool(enabled)
+
+    def __enter__(self) -> "use_reference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _state["reference"] = self._previous
+
+
+def reference_enabled() -> bool:
+    return _state["reference"]
+
+
+def status() -> dict[str, str]:
+    """Which implementation each op runs right now."""
+    if _state["reference"]:
+        return {name: "reference" for name in OP_NAMES}
+    return {
+        name: "m1ops" if hasattr(m1ops, name) else "fallback (reference: m1ops has no such op yet)"
+        for name in OP_NAMES
+    }
+
+
+def _impl(name: str):
+    if not _state["reference"]:
+        fast = getattr(m1ops, name, None)
+        if fast is not None:
+            return fast
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("m1ops.%s is not available: m1model runs its pure-PyTorch reference instead", name)
+    return getattr(_ref, name)
+
+
+def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_final_state=False, cu_seqlens=None,
+                   block_size=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q, k [B, T, H, K]; v [B, T, H, V]; slope [H] fp32; states [N, H, K, V] fp32 -> (o [B, T, H, V], final)."""
+    return _impl("lightning_attn")(
+        q, k, v, slope, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, block_size=block_size,
+    )
+
+
+def lightning_attn_decode(q, k, v, slope, state, *, scale=1.0) -> torch.Tensor:
+    """q, k [B, H, K]; v [B, H, V]; state [B, H, K, V] fp32 updated in place -> o [B, H, V]."""
+    return _impl("lightning_attn_decode")(q, k, v, slope, state, scale=scale)
+
+
+def moe_route(router_logits, top_k) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int64)."""
+    return _impl("moe_route")(router_logits, top_k)
+
+
+def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids) -> torch.Tensor:
+    """x [T, D]; w_gate_up [E, 2F, D]; w_down [E, D, F]; topk [T, k] -> y [T, D] in x's dtype."""
+    return _impl("fused_moe")(x, w_gate_up, w_down, topk_weights, topk_ids)
+
+
+def fp32_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """hidden [N, D]; weight [V, D]; targets [N] int64 -> logprobs [N] fp32 (, entropy [N])."""
+    return _impl("fp32_logprobs")(
+        hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+    )
+
+
+def fp32_logits(hidden, weight) -> torch.Tensor:
+    """hidden [N, D]; weight [V, D] -> logits [N, V] fp32."""
+    return _impl("fp32_logits")(hidden, weight)
