@@ -165,7 +165,7 @@ CHILD = textwrap.dedent("""
         print("PAUSED", flush=True)
         time.sleep(600)
     if where == "data":                  # the model file is on disk, not yet renamed into place
-        ckpt._fsync_file = stop
+        ckpt.fsync_file = stop
     else:                                # the step directory is renamed, the pointer not yet replaced
         ckpt.os.replace = stop
     ckpt.save_checkpoint(directory, 2, {"w": torch.zeros(32 * 2**20 // 4)}, extra={"tag": "second"})
