@@ -19,7 +19,7 @@ import logging
 import torch
 
 import m1ops
-from m1model import _pending_reference as _ref
+from m1ops.reference import torch_ops as _ref
 
 log = logging.getLogger("m1model.ops")
 

@@ -1,6 +1,8 @@
 """Readable pure-PyTorch references of every m1 op, written from the math.
 
 Tests compare the kernels against these in float64; benchmarks time them.
+`m1ops.reference.torch_ops` holds the same ops with exactly the m1ops
+signatures in fp32 (m1model's reference path).
 """
 
 from m1ops.reference.lightning import (

@@ -1,8 +1,10 @@
-"""Pure-PyTorch stand-ins for the m1 ops the model needs (DESIGN 3), written from the math.
+"""The m1 ops in plain PyTorch, with exactly the m1ops signatures (DESIGN 3), written from the math.
 
-They serve as m1model's reference path and as the fallback while an op has not
-landed in m1ops yet. Each function has exactly the m1ops signature; when the
-kernels land, the reference path points at m1ops.reference and this file goes.
+These are the slow, readable twins of the kernels: m1model's reference path
+(`m1model.ops.use_reference(True)`) runs them in place of the m1ops kernels,
+with the same arguments and output dtypes. The float64 test references in
+this package (`lightning_attn_ref`, `fused_moe_ref`, ...) are independent
+formulations used to check both.
 
 Compute is fp32 (fp64 when the inputs are fp64); outputs take the dtype the
 m1ops contract names. Everything is differentiable through plain autograd.
