@@ -40,3 +40,14 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fills a tensor with NaN so that any element a kernel fails to write shows up."""
     return t.fill_(float("nan"))
+
+
+def with_(**changes):
+    """For bad-input tables: mutate(args) -> a copy of the dict `args` with each key k set to f(args)."""
+
+    def mutate(args: dict) -> dict:
+        args = dict(args)
+        args.update({k: f(args) for k, f in changes.items()})
+        return args
+
+    return mutate

@@ -23,7 +23,7 @@ import re
 
 import pytest
 import torch
-from helpers import DEVICES, assert_rel_close, rel_err
+from helpers import DEVICES, assert_rel_close, rel_err, with_
 
 import m1ops
 from m1ops.reference import lightning_attn_ref
@@ -407,14 +407,6 @@ def test_torch_compile_fullgraph(device):
 
 def _bad_cases():
     """(id, mutate(args) -> args, exception type, message fragment)."""
-
-    def with_(**changes):
-        def mutate(a):
-            a = dict(a)
-            a.update({k: f(a) for k, f in changes.items()})
-            return a
-
-        return mutate
 
     cu = lambda values: (lambda a: torch.tensor(values))  # noqa: E731
     return [

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import DEVICES, assert_rel_close
+from helpers import DEVICES, assert_rel_close, with_
 
 import m1ops
 from m1ops.reference import lightning_attn_decode_ref, lightning_attn_recurrent_ref, lightning_attn_ref
@@ -143,14 +143,6 @@ def test_references_agree():
 
 def _bad_cases():
     """(id, mutate(args) -> args, exception type, message fragment)."""
-
-    def with_(**changes):
-        def mutate(a):
-            a = dict(a)
-            a.update({k: f(a) for k, f in changes.items()})
-            return a
-
-        return mutate
 
     return [
         ("q-2d", with_(q=lambda a: a["q"][0]), ValueError, "'q' must be 3-D"),

@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from helpers import DEVICES, assert_rel_close, rel_err
+from helpers import DEVICES, assert_rel_close, rel_err, with_
 
 import m1ops
 from m1ops.reference import fp32_logits_ref, fp32_logprobs_ref
@@ -328,14 +328,6 @@ def test_torch_compile_fullgraph(device):
 
 def _bad_cases():
     """(id, mutate(args) -> args, exception type, message fragment)."""
-
-    def with_(**changes):
-        def mutate(a):
-            a = dict(a)
-            a.update({k: f(a) for k, f in changes.items()})
-            return a
-
-        return mutate
 
     def target(i, value):
         def f(a):

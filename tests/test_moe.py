@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import DEVICES, assert_rel_close
+from helpers import DEVICES, assert_rel_close, with_
 
 import m1ops
 from m1ops.reference import fused_moe_loop_ref, fused_moe_ref, moe_route_ref
@@ -302,14 +302,6 @@ def test_gradients_through_routing(device):
 
 def _bad_cases():
     """(id, mutate(args) -> args, exception type, message fragment)."""
-
-    def with_(**changes):
-        def mutate(a):
-            a = dict(a)
-            a.update({k: f(a) for k, f in changes.items()})
-            return a
-
-        return mutate
 
     def set_id(value, at=(3, 1), dtype=torch.int64):
         def f(a):
