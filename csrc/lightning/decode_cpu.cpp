@@ -37,8 +37,10 @@ template <typename T, typename S>
 void decode_typed(const DecodeParams& p) {
   using Acc = acc_t<T>;
   const int64_t dk = p.dk, dv = p.dv;
-  // About 64K state elements per task: smaller steps run on one thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, dk * dv));
+  // About 256K state elements (1 MiB of fp32, ~20 us of streaming) per task: waking a second
+  // thread costs several microseconds and far more on a loaded machine, so smaller steps (a
+  // small model's whole layer) run on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, dk * dv));
   cpu::parallel_for(0, p.batch * p.heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<Acc> buf(2 * dk + 2 * dv);  // q, k, v, o of one (b, h) in Acc
     Acc *q = buf.data(), *k = q + dk, *v = k + dk, *o = v + dv;
