@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from m1ops._layout import dense, unit_rows
+
 
 def lightning_attn_decode(
     q: torch.Tensor,
@@ -33,15 +35,16 @@ def lightning_attn_decode(
                read and overwritten.
         scale: MiniMax uses 1.0 (no 1/sqrt(K)).
 
-    q, k, v may be strided views (e.g. slices of a fused qkv projection) as
-    long as their last dimension is contiguous.
+    q, k, v may be any strided views: slices of a fused qkv projection (unit
+    stride in the last dimension) pass without a copy, other layouts are copied.
 
     Returns:
         o: [B, H, V] in v's dtype.
 
     Inference only: there is no backward (use m1ops.lightning_attn for training).
     """
-    return torch.ops.m1.lightning_attn_decode(q, k, v, slope, state, scale=scale)
+    q, k, v = unit_rows(q), unit_rows(k), unit_rows(v)
+    return torch.ops.m1.lightning_attn_decode(q, k, v, dense(slope), state, scale=scale)
 
 
 @torch.library.register_fake("m1::lightning_attn_decode")
@@ -91,8 +94,8 @@ def lightning_attn(
             rounding). None = DEFAULT_BLOCK_SIZE of the device; CPU takes 1..4096,
             CUDA takes 64.
 
-    q, k, v may be strided views (e.g. slices of a fused qkv projection) as
-    long as their last dimension is contiguous. Head dims: CPU any K, V <= 256;
+    q, k, v may be any strided views: slices of a fused qkv projection (unit
+    stride in the last dimension) pass without a copy, other layouts are copied. Head dims: CPU any K, V <= 256;
     CUDA K = V in {64, 128}.
 
     Returns:
@@ -105,7 +108,8 @@ def lightning_attn(
             "m1ops.lightning_attn: no gradient with respect to 'slope' is implemented; pass slope.detach()"
         )
     o, final_state = torch.ops.m1._lightning_attn_fwd(
-        q, k, v, slope, initial_state, cu_seqlens, scale=scale, block_size=block_size
+        unit_rows(q), unit_rows(k), unit_rows(v), dense(slope), dense(initial_state), dense(cu_seqlens),
+        scale=scale, block_size=block_size,
     )
     return o, (final_state if output_final_state else None)
 

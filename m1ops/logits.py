@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from m1ops._layout import dense, unit_rows
+
 
 def fp32_logprobs(
     hidden: torch.Tensor,
@@ -27,9 +29,10 @@ def fp32_logprobs(
     """Per-token log-probabilities (and entropies) of an LM head in fp32, without [N, V] logits.
 
     Args:
-        hidden:  [N, D] float32, bfloat16 or float16 (float64 on the CPU); last dim contiguous.
+        hidden:  [N, D] float32, bfloat16 or float16 (float64 on the CPU); any strides (rows
+                 that are not unit-stride are copied first).
         weight:  [V, D] any of those dtypes (may differ from hidden's; float64 only with float64
-                 hidden); last dim contiguous. bf16/fp16 values are widened to fp32 exactly.
+                 hidden); any strides, as hidden. bf16/fp16 values are widened to fp32 exactly.
         targets: [N] int64; each in [0, V) or equal to ignore_index.
         temperature: z = hidden @ weight^T / temperature (> 0).
         ignore_index: rows with this target give log-prob 0 and entropy 0, and no gradient.
@@ -43,7 +46,7 @@ def fp32_logprobs(
     [0, V) that is not ignore_index raises IndexError before anything runs.
     """
     logprobs, entropy, _lse = torch.ops.m1.fp32_logprobs(
-        hidden, weight, targets, temperature=temperature, ignore_index=ignore_index
+        unit_rows(hidden), unit_rows(weight), dense(targets), temperature=temperature, ignore_index=ignore_index
     )
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -60,7 +63,7 @@ def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Differentiable in hidden and weight.
     """
-    return torch.ops.m1.fp32_logits(hidden, weight)
+    return torch.ops.m1.fp32_logits(unit_rows(hidden), unit_rows(weight))
 
 
 def _result_dtype(hidden: torch.Tensor) -> torch.dtype:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from m1ops._layout import dense, unit_rows
+
 
 def moe_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniMax / Mixtral routing: softmax in fp32, top-k, renormalised.
@@ -53,12 +55,15 @@ def fused_moe(
         y_t = sum_j w_tj W_down[e] (silu(W_gate[e] x_t) * (W_up[e] x_t)),   e = topk_ids[t, j]
 
     Args:
-        x:            [T, D]      float32, bfloat16, float16 (float64 on CPU); last dim contiguous
-        w_gate_up:    [E, 2F, D]  x's dtype, contiguous; rows 0..F-1 gate, F..2F-1 up
-        w_down:       [E, D, F]   x's dtype, contiguous
-        topk_weights: [T, k]      float32 (float64 with float64 x), contiguous
-        topk_ids:     [T, k]      int64 or int32 in [0, E), contiguous; an id outside
-                                  that range raises a ValueError (never addresses memory)
+        x:            [T, D]      float32, bfloat16, float16 (float64 on CPU)
+        w_gate_up:    [E, 2F, D]  x's dtype; rows 0..F-1 gate, F..2F-1 up
+        w_down:       [E, D, F]   x's dtype
+        topk_weights: [T, k]      float32 (float64 with float64 x)
+        topk_ids:     [T, k]      int64 or int32 in [0, E); an id outside that range
+                                  raises a ValueError (never addresses memory)
+
+    Any strides: x with unit-stride rows and contiguous weights pass without a
+    copy, other layouts are copied first.
 
     Returns:
         y: [T, D] in x's dtype; per-expert products and the sum over k in fp32.
@@ -86,7 +91,9 @@ def fused_moe(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, w_gate_up, w_down, topk_weights)
     )
-    y, _ = torch.ops.m1.fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, save_gate_up=needs_grad)
+    y, _ = torch.ops.m1.fused_moe(
+        unit_rows(x), dense(w_gate_up), dense(w_down), dense(topk_weights), dense(topk_ids), save_gate_up=needs_grad
+    )
     return y
 
 
@@ -107,7 +114,10 @@ def fused_moe_backward(
     the dtype of their input (topk_weights' for grad_topk_weights), computed
     in fp32. autograd calls this; it is public for custom training loops.
     """
-    return torch.ops.m1.fused_moe_backward(grad_y, x, w_gate_up, w_down, topk_weights, topk_ids, gate_up)
+    return torch.ops.m1.fused_moe_backward(
+        unit_rows(grad_y), unit_rows(x), dense(w_gate_up), dense(w_down), dense(topk_weights), dense(topk_ids),
+        dense(gate_up),
+    )
 
 
 @torch.library.register_fake("m1::fused_moe")

@@ -418,8 +418,6 @@ def _bad_cases():
         ("slope-dtype", with_(slope=lambda a: a["slope"].double()), TypeError, "'slope' must be Float"),
         ("q-int", with_(q=lambda a: a["q"].int()), TypeError, "'q' must be float32, bfloat16 or float16"),
         ("v-dtype", with_(v=lambda a: a["v"].bfloat16()), TypeError, "'v' must be Float"),
-        ("q-last-stride", with_(q=lambda a: torch.randn(1, 20, 2, 16)[..., ::2]), ValueError,
-         "'q' must be contiguous in its last dimension"),
         ("state-shape", with_(initial_state=lambda a: a["initial_state"][..., :-1]), ValueError,
          "'initial_state' must have shape"),
         ("state-batch", with_(initial_state=lambda a: a["initial_state"][:2]), ValueError,

@@ -351,8 +351,6 @@ def _bad_cases():
         ("weight-empty", with_(weight=lambda a: a["weight"][:0]), ValueError, "at least one row"),
         ("hidden-int", with_(hidden=lambda a: a["hidden"].int()), TypeError, "'hidden' must be float32, bfloat16"),
         ("float64-mixed", with_(hidden=lambda a: a["hidden"].double()), TypeError, "float64 is supported only when both"),
-        ("hidden-last-stride", with_(hidden=lambda a: torch.randn(7, 16)[:, ::2]), ValueError,
-         "'hidden' must be contiguous in its last dimension"),
         ("weight-overlapping-rows", with_(weight=lambda a: a["weight"][:1].expand(11, 8)), ValueError,
          "'weight' rows overlap"),
         ("temperature-0", with_(temperature=lambda a: 0.0), ValueError, "'temperature' must be a finite number > 0"),

@@ -320,18 +320,15 @@ def _bad_cases():
         ("ids-shape", with_(topk_ids=lambda a: a["topk_ids"][:, :1]), ValueError, "'topk_ids' must have shape [T, k]"),
         ("x-3d", with_(x=lambda a: a["x"][None]), ValueError, "'x' must be 2-D [T, D]"),
         ("x-int", with_(x=lambda a: a["x"].int()), TypeError, "'x' must be float32, bfloat16 or float16"),
-        ("x-last-stride", with_(x=lambda a: torch.randn(8, 32)[:, ::2]), ValueError, "'x' must be contiguous in its last dimension"),
         ("w_gate_up-odd", with_(w_gate_up=lambda a: a["w_gate_up"][:, :-1]), ValueError, "odd second dimension"),
         ("w_gate_up-D", with_(w_gate_up=lambda a: a["w_gate_up"][..., :-1]), ValueError, "'w_gate_up' must have shape [E, 2F, D]"),
         ("w_gate_up-dtype", with_(w_gate_up=lambda a: a["w_gate_up"].bfloat16()), TypeError, "'w_gate_up' must be Float"),
-        ("w_gate_up-noncontig", with_(w_gate_up=lambda a: a["w_gate_up"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "'w_gate_up' must be contiguous"),
         ("w_gate_up-empty", with_(w_gate_up=lambda a: a["w_gate_up"][:0], w_down=lambda a: a["w_down"][:0]), ValueError, "at least one expert"),
         ("w_down-E", with_(w_down=lambda a: a["w_down"][:-1]), ValueError, "'w_down' must have shape [E, D, F]"),
         ("w_down-F", with_(w_down=lambda a: a["w_down"][..., :-1]), ValueError, "'w_down' must have shape [E, D, F]"),
         ("weights-T", with_(topk_weights=lambda a: a["topk_weights"][:-1]), ValueError, "'topk_weights' must have shape [T, k]"),
         ("weights-dtype", with_(topk_weights=lambda a: a["topk_weights"].bfloat16()), TypeError, "'topk_weights' must be float32"),
         ("weights-f64-with-f32", with_(topk_weights=lambda a: a["topk_weights"].double()), TypeError, "'topk_weights' must be float32"),
-        ("weights-noncontig", with_(topk_weights=lambda a: a["topk_weights"].t().contiguous().t()), ValueError, "'topk_weights' must be contiguous"),
     ]
 
 
