@@ -17,8 +17,8 @@ those JSON files back into one markdown table:
 measured in its own run (for fused MoE: a dense mm with the same FLOPs at the
 same shape). Every number in a row comes from one process, so the ratios hold
 on a loaded machine even where the absolute times do not. The table goes to
-<results>/summary.md; a full run (or --summary-only on the full results) also
-refreshes the README between the markers
+<results>/summary.md; a full run (or --summary-only on the full results, or
+any run with --readme) also refreshes the README between the markers
 <!-- bench:summary --> and <!-- /bench:summary -->.
 """
 
@@ -144,7 +144,7 @@ READERS = {"lightning": lightning_rows, "lightning_decode": lightning_decode_row
            "logits": logits_rows}
 
 
-def summary_markdown(results: Path, manifest: dict | None) -> str:
+def summary_markdown(results: Path, manifest: dict | None, mode: str = "full") -> str:
     rows, sources = [], []
     for _script, name, _modes in BENCHES:
         path = results / f"{name}.json"
@@ -157,7 +157,8 @@ def summary_markdown(results: Path, manifest: dict | None) -> str:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(path.stat().st_mtime))
         load = f", load average {run['load_before']:.1f} -> {run['load_after']:.1f}" if run else ""
         sources.append(f"{name}: `{run['command'] if run else 'python bench/' + _script}` ({when} UTC{load})")
-    out = ["| op | shape | dtype | ours ms | baselines ms | speedup | GFLOP/s | of torch.mm |",
+    out = [] if mode == "full" else [f"Shapes of `python bench/run.py --{mode}` (the full shapes: `python bench/run.py`).", ""]
+    out += ["| op | shape | dtype | ours ms | baselines ms | speedup | GFLOP/s | of torch.mm |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = {k: v for k, v in r["baselines"].items() if v}
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary-only", action="store_true", help="run nothing; rebuild the summary")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--no-readme", action="store_true", help="do not touch README.md")
+    parser.add_argument("--readme", action="store_true",
+                        help="refresh README.md from --quick/--smoke/--results too (by default only full results)")
     args = parser.parse_args(argv)
     results = args.results or results_dir(args.mode)
     manifest_path = results / "run.json"
@@ -221,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    summary = summary_markdown(results, manifest)
+    summary = summary_markdown(results, manifest, args.mode)
     results.mkdir(parents=True, exist_ok=True)
     (results / "summary.md").write_text(summary)
     print(summary)
     print(f"wrote {results / 'summary.md'}")
-    if results == results_dir("full") and not args.no_readme:
+    if (results == results_dir("full") or args.readme) and not args.no_readme:
         print("refreshed README.md" if refresh_readme(summary) else f"README.md has no {BEGIN} block")
     return 0
 
