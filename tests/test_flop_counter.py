@@ -157,3 +157,15 @@ def test_model_forward_matches_the_analytic_count(flops_model, layout):
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     assert by_op["m1._lightning_attn_fwd"] == parts["lightning core"]
     assert by_op["m1.fp32_logits"] == parts["head"]
+
+
+def test_lightning_formula_under_fake_tensors():
+    # No values to read: the packed tokens count as one sequence (documented in m1ops/flops.py).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.randn(1, 100, 2, 8)
+        cu = torch.tensor([0, 40, 100])
+        with FlopCounterMode(display=False) as counter:
+            m1ops.lightning_attn(q, q, q, torch.rand(2), cu_seqlens=cu, block_size=16)
+    assert counter.get_total_flops() == 2 * lightning_hand_count([16] * 6 + [4], 8, 8, backward=False)
