@@ -146,7 +146,7 @@ READERS = {"lightning": lightning_rows, "lightning_decode": lightning_decode_row
 
 def summary_markdown(results: Path, manifest: dict | None, mode: str = "full") -> str:
     rows, sources = [], []
-    for _script, name, _modes in BENCHES:
+    for script, name, _modes in BENCHES:
         path = results / f"{name}.json"
         if not path.exists():
             sources.append(f"{name}: no results yet")
@@ -156,10 +156,11 @@ def summary_markdown(results: Path, manifest: dict | None, mode: str = "full") -
         run = (manifest or {}).get(name)
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(path.stat().st_mtime))
         load = f", load average {run['load_before']:.1f} -> {run['load_after']:.1f}" if run else ""
-        sources.append(f"{name}: `{run['command'] if run else 'python bench/' + _script}` ({when} UTC{load})")
-    out = [] if mode == "full" else [f"Shapes of `python bench/run.py --{mode}` (the full shapes: `python bench/run.py`).", ""]
+        sources.append(f"{name}: `{run['command'] if run else 'python bench/' + script}` ({when} UTC{load})")
+    out = [] if mode == "full" else [
+        f"Shapes of `python bench/run.py --{mode}` (the full shapes: `python bench/run.py`).", ""]
     out += ["| op | shape | dtype | ours ms | baselines ms | speedup | GFLOP/s | of torch.mm |",
-           "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = {k: v for k, v in r["baselines"].items() if v}
         bstr = "; ".join(f"{k} {_fmt_ms(v)}" for k, v in base.items()) or "-"
