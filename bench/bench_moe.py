@@ -108,12 +108,16 @@ def memory_bandwidth_gbs() -> float:
 
 
 def main() -> None:
+    global D, FFN, E, K
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 4096, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per comparison (1 to 10 rounds)")
     parser.add_argument("--cpu-time", action="store_true", help="one thread, process CPU time (see above)")
+    parser.add_argument("--shape", type=int, nargs=4, metavar=("D", "F", "E", "k"), default=[D, FFN, E, K],
+                        help="expert shape (bench/run.py --smoke uses a toy one)")
     args = parser.parse_args()
+    D, FFN, E, K = args.shape
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time

@@ -8,6 +8,7 @@ process), never absolute times compared across runs.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -16,7 +17,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# bench/run.py points M1_BENCH_RESULTS elsewhere for its --quick and --smoke runs.
+RESULTS = Path(os.environ.get("M1_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def time_ms(fn: Callable[[], object], *, repeat: int = 10, warmup: int = 2, min_time_s: float = 0.0) -> float:
@@ -62,7 +64,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from m1model.config import M1Config  # noqa: E402
+from m1ops.flops import lightning_decode_flops, lightning_prefill_flops, logits_flops, moe_flops  # noqa: E402
 
 GEN_LENGTHS = [8_192, 32_768, 65_536, 100_000, 131_072, 1_048_576]
 PAPER_M1_OVER_R1 = {65_536: 0.385, 100_000: 0.287, 131_072: 0.244}  # Figure 1 (right)
@@ -131,17 +132,42 @@ def m1_counts(cfg: M1Config, name: str = "MiniMax-M1") -> Counts:
     attn_params = n_lin * lightning_proj + n_soft * softmax_proj
     active = attn_params + L * (k * expert + router)
     head = 0 if cfg.tie_word_embeddings else V * D
+    # The m1 ops' terms come from m1ops.flops, the formulas FlopCounterMode uses for them.
     return Counts(
         name=name,
         total_params=attn_params + L * (E * expert + router) + V * D + head,
         active_params=active,
         head_params=V * D,
         attn_proj_flops=2 * attn_params,
-        mlp_flops=2 * L * (k * expert + router),
-        head_flops=2 * V * D,
-        attn_const_flops=n_lin * 4 * H * Dh * Dh,
+        mlp_flops=L * (moe_flops(1, k, D, F) + 2 * router),
+        head_flops=logits_flops(1, V, D),
+        attn_const_flops=n_lin * lightning_decode_flops(1, H, Dh, Dh),
         attn_ctx_coeff=n_soft * 2 * H * (Dh + Dh),
     )
+
+
+def m1_prefill_flops(cfg: M1Config, seq_lens: list[int]) -> dict[str, float]:
+    """FLOPs of one m1model forward without a cache (a prefill, or the forward of a
+    training step) over sequences of the given lengths, by component, counted the way
+    torch.utils.flop_counter counts them: what differs from len(seq_lens) x the
+    per-token decode counts is
+      - lightning layers run the blockwise prefill (intra-block products, a
+        2 C (K + V) per-token term for block size C: m1ops.flops);
+      - softmax layers: a sequence of L tokens costs 2 H (d_qk + d_v) L^2, the full
+        score matrix, as torch's SDPA formula counts it (the causal half of it,
+        L (L + 1) / 2 pairs, is the work the decode model sums).
+    The head counts every position (m1model's forward returns all logits)."""
+    m1 = m1_counts(cfg)
+    tokens = sum(seq_lens)
+    n_lin, n_soft = len(cfg.linear_layers), len(cfg.softmax_layers)
+    H, Dh = cfg.num_attention_heads, cfg.head_dim
+    return {
+        "attention projections": m1.attn_proj_flops * tokens,
+        "lightning core": n_lin * lightning_prefill_flops(seq_lens, H, Dh, Dh, cfg.block_size),
+        "softmax core": m1.attn_ctx_coeff * sum(n * n for n in seq_lens),
+        "moe_mlp": m1.mlp_flops * tokens,
+        "head": m1.head_flops * tokens,
+    }
 
 
 def deepseek_counts(cfg: DeepSeekV3Config, mla: str = "expanded", name: str = "DeepSeek-R1") -> Counts:
