@@ -35,9 +35,8 @@
 
 namespace m1::lightning::cpu_detail {
 
-// Row-major C = alpha op(A) op(B) + beta C, as m1::cpu::sgemm. float goes to
-// BLAS; double (gradcheck-sized problems only) runs a plain loop. beta == 0
-// never reads C.
+// Row-major C = alpha op(A) op(B) + beta C on Acc tiles: m1::cpu::sgemm /
+// dgemm (BLAS when the process has one). beta == 0 never reads C.
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   cpu::sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -45,14 +44,7 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
                  const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i) {
-    double* crow = c + i * ldc;
-    for (int64_t j = 0; j < n; ++j) crow[j] = beta == 0.0 ? 0.0 : beta * crow[j];
-    for (int64_t p = 0; p < k; ++p) {
-      const double aip = alpha * (ta ? a[p * lda + i] : a[i * lda + p]);
-      for (int64_t j = 0; j < n; ++j) crow[j] += aip * (tb ? b[j * ldb + p] : b[p * ldb + j]);
-    }
-  }
+  cpu::dgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // Per-worker scratch memory, grown on demand and never initialised (every
