@@ -13,9 +13,10 @@
 //     A = x[token of sorted slot row0 + r, k0 ..]   (the row gather: xs is never built)
 //     G = W_gate_up[e][col0 + n, k0 ..],  U = W_gate_up[e][F + col0 + n, k0 ..]
 //   into registers (the next step's loads are in flight during this step's
-//   MMAs) and stores them to shared memory, rows padded to BK + 8 elements
-//   (80 B: 16-byte aligned vector stores, rows start on staggered banks):
-//     smem 3 x 64 x 40 x 2 B = 15 KB (static).
+//   MMAs) and stores them to one of two shared-memory stages (one barrier per
+//   step), rows padded to BK + 8 elements (80 B: 16-byte aligned vector
+//   stores, rows start on staggered banks):
+//     smem 2 stages x 3 x 64 x 40 x 2 B = 30 KB (static).
 //   Tails: rows r >= the tile's rows, columns n >= the tile's cols and K
 //   vectors at k >= D load zeros (D is a multiple of 8, so a 16-byte vector
 //   is all in or all out), and the epilogue writes only r < rows, n < cols.
@@ -79,6 +80,9 @@ constexpr int kLds = kBK + 8;  // shared-memory row stride in elements (80 B)
 constexpr int kVec = 8;        // elements per 16-byte vector
 constexpr int kVecsPerRow = kBK / kVec;
 constexpr int kVecsPerThread = kBM * kVecsPerRow / kMmaThreads;  // per operand tile
+constexpr int kTileElems = kBM * kLds;       // one operand tile in shared memory
+constexpr int kStageElems = 3 * kTileElems;  // A, G, U
+constexpr int kStages = 2;
 static_assert(kBM == kBN, "A and B tiles share the load assignment");
 static_assert(kBM * kVecsPerRow % kMmaThreads == 0, "whole vectors per thread");
 
@@ -102,10 +106,10 @@ __global__ void __launch_bounds__(kMmaThreads) gate_up_mma_kernel(const GateUpPa
   using namespace cute;
   using Elem = typename Mma<T>::Elem;
   static_assert(sizeof(Elem) == 2 && sizeof(T) == 2, "16-bit operands");
-  __shared__ __align__(16) unsigned char smem_raw[3 * kBM * kLds * sizeof(Elem)];  // 3 x 64 x 40 x 2 B = 15 KB
-  Elem* a_buf = reinterpret_cast<Elem*>(smem_raw);  // [BM, BK] gathered x rows (row stride kLds)  5 KB
-  Elem* g_buf = a_buf + kBM * kLds;                 // [BN, BK] gate rows of W_gate_up           5 KB
-  Elem* u_buf = g_buf + kBN * kLds;                 // [BN, BK] up rows                          5 KB
+  // Two stages, each [A | G | U] tiles of [64, BK] (row stride kLds): 2 x 3 x 64 x 40 x 2 B = 30 KB.
+  //   A: gathered x rows, G: gate rows of W_gate_up[e], U: up rows (5 KB each).
+  __shared__ __align__(16) unsigned char smem_raw[kStages * kStageElems * sizeof(Elem)];
+  Elem* const smem = reinterpret_cast<Elem*>(smem_raw);
 
   const GateUpTile w = gate_up_tile(p.expert_offsets, p.tile_offsets, p.experts, kBM, kBN, p.ffn, blockIdx.x);
   const T* x = static_cast<const T*>(p.x);
@@ -139,12 +143,12 @@ __global__ void __launch_bounds__(kMmaThreads) gate_up_mma_kernel(const GateUpPa
       u_reg[i] = u_src[i] != nullptr && in_k ? *reinterpret_cast<const uint4*>(u_src[i] + k) : zero;
     }
   };
-  auto store = [&]() {
+  auto store = [&](Elem* stage) {
     CUTE_UNROLL
     for (int i = 0; i < kVecsPerThread; ++i) {
-      *reinterpret_cast<uint4*>(a_buf + smem_off[i]) = a_reg[i];
-      *reinterpret_cast<uint4*>(g_buf + smem_off[i]) = g_reg[i];
-      *reinterpret_cast<uint4*>(u_buf + smem_off[i]) = u_reg[i];
+      *reinterpret_cast<uint4*>(stage + smem_off[i]) = a_reg[i];
+      *reinterpret_cast<uint4*>(stage + kTileElems + smem_off[i]) = g_reg[i];
+      *reinterpret_cast<uint4*>(stage + 2 * kTileElems + smem_off[i]) = u_reg[i];
     }
   };
 
@@ -152,30 +156,29 @@ __global__ void __launch_bounds__(kMmaThreads) gate_up_mma_kernel(const GateUpPa
     return make_tensor(make_smem_ptr(ptr),
                        make_layout(make_shape(Int<kBM>{}, Int<kBK>{}), make_stride(Int<kLds>{}, Int<1>{})));
   };
-  const auto sA = k_major(a_buf);  // (m, k)
-  const auto sG = k_major(g_buf);  // (n, k)
-  const auto sU = k_major(u_buf);  // (n, k)
 
   TiledMma<T> mma;
   auto thr = mma.get_thread_slice(threadIdx.x);
-  auto tA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K)
-  auto tG = thr.partition_B(sG);  // (MMA, MMA_N, MMA_K)
-  auto tU = thr.partition_B(sU);
-  auto rA = make_fragment_like(tA(_, _, 0));
-  auto rG = make_fragment_like(tG(_, _, 0));
-  auto rU = make_fragment_like(tU(_, _, 0));
+  auto rA = make_fragment_like(thr.partition_A(k_major(smem))(_, _, 0));  // register operands of one k-slice
+  auto rG = make_fragment_like(thr.partition_B(k_major(smem))(_, _, 0));
+  auto rU = make_fragment_like(thr.partition_B(k_major(smem))(_, _, 0));
   auto acc_g = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});  // fp32
   auto acc_u = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});
   clear(acc_g);
   clear(acc_u);
 
+  // Step kt fills stage kt % 2, last read in step kt - 2: every thread has
+  // passed step kt - 1's barrier since, so one barrier per step suffices.
   const int64_t k_tiles = ceil_div(p.dim, kBK);
   load(0);
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    __syncthreads();  // every warp is done reading the previous step's tiles
-    store();
-    __syncthreads();
-    if (kt + 1 < k_tiles) load((kt + 1) * kBK);
+    Elem* const stage = smem + (kt % kStages) * kStageElems;
+    store(stage);
+    __syncthreads();  // the stage is complete
+    if (kt + 1 < k_tiles) load((kt + 1) * kBK);  // in flight during the MMAs
+    const auto tA = thr.partition_A(k_major(stage));                   // (MMA, MMA_M, MMA_K)
+    const auto tG = thr.partition_B(k_major(stage + kTileElems));      // (MMA, MMA_N, MMA_K)
+    const auto tU = thr.partition_B(k_major(stage + 2 * kTileElems));  // (MMA, MMA_N, MMA_K)
     CUTE_UNROLL
     for (int k = 0; k < size<2>(tA); ++k) {
       copy(tA(_, _, k), rA);
