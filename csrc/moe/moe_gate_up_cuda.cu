@@ -8,7 +8,8 @@
 //
 // bfloat16 / float16 (tensor cores, CuTe SM80 m16n8k16 atoms, fp32
 // accumulation; the sm_80 code also runs on sm_90):
-//   128 threads = 2 x 2 warps, each 32 x 32 of both 64 x 64 accumulators.
+//   128 threads = 2 x 2 warps; each warp holds a quarter of both 64 x 64
+//   accumulators (2 x 4 m16n8 atoms, interleaved with the other warps').
 //   Per BK = 32 step, each thread loads 2 16-byte vectors of each of
 //     A = x[token of sorted slot row0 + r, k0 ..]   (the row gather: xs is never built)
 //     G = W_gate_up[e][col0 + n, k0 ..],  U = W_gate_up[e][F + col0 + n, k0 ..]
@@ -42,7 +43,6 @@
 #include "common/dispatch.h"
 #include "common/dtype.h"
 #include "moe/moe_gate_up.h"
-#include "moe/moe_permute.h"
 #include "moe/moe_tiles.h"
 
 namespace m1::moe {
