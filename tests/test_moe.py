@@ -382,6 +382,77 @@ def test_cuda_bad_ids_and_mixed_devices_raise():
     check_forward_backward(x, wgu, wd, tw, ids, CUDA_TOL[torch.bfloat16])
 
 
+# The CUDA forward's fused gate/up kernel (csrc/moe/moe_gate_up_cuda.cu):
+# 64-row x 64-column tiles over the expert-sorted rows, K steps of 32 (bf16 /
+# fp16) or 16 (fp32). Shapes with row, column and K tails, experts without
+# rows, an expert spanning several M-tiles, and F below one tile. bf16/fp16 x
+# read in place needs 16-byte rows; a view at an odd offset takes the unfused
+# path (gather, CUTLASS GEMM, elementwise pass): both paths are checked.
+FUSED_SHAPES = {  # (T, D, F, E, k, experts used)
+    "tails,empty experts": (300, 200, 200, 6, 2, (0, 2, 5)),
+    "one tile": (64, 32, 64, 1, 1, (0,)),
+    "F<BN,D=8": (37, 8, 8, 4, 3, (1, 2, 3)),
+    "multi M-tiles": (700, 72, 136, 8, 1, (6,)),
+}
+
+
+def sorted_pre_activations_ref(x, w_gate_up, ids):
+    """h = [g | u] in float64 for every slot, rows in expert-sorted order (stable by slot)."""
+    flat = ids.flatten().cpu()
+    slots = torch.sort(flat, stable=True).indices
+    xs = x.double().cpu()[slots // ids.shape[1]]  # [P, D]
+    experts = flat[slots]  # [P], ascending
+    h = torch.empty(len(slots), w_gate_up.shape[1], dtype=torch.float64)
+    for e in experts.unique().tolist():
+        rows = experts == e
+        h[rows] = xs[rows] @ w_gate_up[e].double().cpu().T
+    return h
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", FUSED_SHAPES.values(), ids=FUSED_SHAPES.keys())
+def test_cuda_fused_gate_up(shape, dtype):
+    """y, every gradient and the saved pre-activations of the fused gate/up
+    kernel against float64, and against the unfused path (x at an odd offset)."""
+    T, D, F, E, k, used = shape
+    pick = torch.tensor(used)
+    ids = torch.stack([pick[torch.randperm(len(used))[:k]] for _ in range(T)])  # k distinct used experts
+    x, wgu, wd, tw, ids = make_moe(T, D, F, E, k, dtype, "cuda", ids=ids)
+    tol = CUDA_TOL[dtype]
+    h_ref = sorted_pre_activations_ref(x, wgu, ids)
+    _, grads = check_forward_backward(x, wgu, wd, tw, ids, tol)  # the fused forward (x contiguous)
+    unused = [e for e in range(E) if e not in used]
+    assert (grads[1][unused] == 0).all() and (grads[2][unused] == 0).all()
+
+    y, gate_up = torch.ops.m1.fused_moe(x, wgu, wd, tw, ids, save_gate_up=True)
+    assert_close_to_ref(gate_up, h_ref, tol, "gate_up")
+    y_plain, _ = torch.ops.m1.fused_moe(x, wgu, wd, tw, ids)
+    torch.testing.assert_close(y_plain, y, rtol=0, atol=0)
+
+    # x at an odd element offset: bf16/fp16 take the unfused path, fp32 the fused one (scalar loads).
+    wide = torch.zeros(T, D + 1, device="cuda", dtype=dtype)
+    wide[:, 1:] = x
+    x_odd = wide[:, 1:]
+    y_odd, gate_up_odd = torch.ops.m1.fused_moe(x_odd, wgu, wd, tw, ids, save_gate_up=True)
+    y_ref = fused_moe_ref(x.double().cpu(), wgu.double().cpu(), wd.double().cpu(), tw.double().cpu(), ids.cpu())
+    assert_close_to_ref(y_odd, y_ref, tol, "y (x at an odd offset)")
+    assert_close_to_ref(gate_up_odd, h_ref, tol, "gate_up (x at an odd offset)")
+    if dtype == torch.float32:
+        torch.testing.assert_close(y_odd, y, rtol=0, atol=0)
+    else:
+        # Both round h / act to the dtype once, from different fp32 sums: within a few ulps.
+        assert_rel_close(y_odd, y, tol, "fused vs unfused y")
+    # The backward from either path's saved pre-activations.
+    g = torch.randn_like(y)
+    from_fused = m1ops.fused_moe_backward(g, x, wgu, wd, tw, ids, gate_up)
+    from_unfused = m1ops.fused_moe_backward(g, x_odd, wgu, wd, tw, ids, gate_up_odd)
+    for name, a, b in zip(("x", "w_gate_up", "w_down", "topk_weights"), from_fused, from_unfused):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"grad {name}: non-finite values"
+        assert_rel_close(b, a, tol, f"grad {name}: unfused vs fused pre-activations")
+
+
 # ---------------------------------------------------------------- torch integration
 
 

@@ -85,11 +85,12 @@ void backward_cpu(const BackwardParams& p);
 // one device; bf16/fp16 need D and F to be multiples of 8 (16-byte rows for
 // the tensor-core GEMMs; the glue checks). `workspace` is device memory of
 // the size the *_workspace_bytes function gives (save_gate_up / gate_up_given:
-// whether p.gate_up is set). They synchronise the stream once, to read the
+// whether p.gate_up is set; the forward's size depends on the inputs' layout
+// too: the fused gate/up path needs no gathered copy of x). They synchronise the stream once, to read the
 // expert sizes back, and return the number of ids outside [0, E): when it is
 // not zero nothing was written to the outputs. Throw std::runtime_error on a
 // CUDA or CUTLASS failure.
-size_t forward_cuda_workspace_bytes(const MoeShape& s, DType dtype, bool save_gate_up);
+size_t forward_cuda_workspace_bytes(const MoeInputs& in, bool save_gate_up);
 size_t backward_cuda_workspace_bytes(const MoeShape& s, DType dtype, bool gate_up_given);
 int64_t forward_cuda(const ForwardParams& p, void* workspace, cudaStream_t stream);
 int64_t backward_cuda(const BackwardParams& p, void* workspace, cudaStream_t stream);

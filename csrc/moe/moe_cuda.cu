@@ -1,5 +1,6 @@
 // Fused MoE on CUDA (sm_80 and later): permutation kernels, row gathers,
-// grouped GEMMs (moe_grouped_gemm.h, CUTLASS) and the fused elementwise passes.
+// grouped GEMMs (moe_grouped_gemm.h, CUTLASS), the fused gate/up dual GEMM
+// (moe_gate_up.h, CuTe) and the fused elementwise passes.
 //
 // Shapes: T tokens, D model dim, F expert FFN dim, E experts, k choices;
 // P = T * k slots in expert-sorted order (moe_permute.h, the same helpers the
@@ -9,27 +10,39 @@
 //   1. histogram -> scan (+ expert offsets) of the slot ids, then ONE host
 //      synchronisation reading back {ids outside [0, E), expert offsets}:
 //      with a bad id the launcher returns its count before anything else runs
-//      (the glue raises); else the grouped-GEMM problems are built on the host
+//      (the glue raises); else the tile table / grouped-GEMM problems are
+//      built on the host
 //   2. scatter: sorted_slots, slot_pos
-//   3. xs  = x[token of slot p]                        gather, 16-byte vectors   [P, D]  dtype
-//   4. h   = xs_e W_gate_up[e]^T                       grouped GEMM (kRowCol)    [P, 2F] dtype
-//   5. act = w_p silu(g) u                             one elementwise pass      [P, F]  dtype
-//   6. ys  = act_e W_down[e]^T                         grouped GEMM, fp32 out    [P, D]  fp32
-//   7. y_t = sum_j ys[slot_pos[t k + j]]               combine, fp32 sum         [T, D]  dtype
+//   3. act = w_p silu(x[tok p] W_gate[e]^T) (x[tok p] W_up[e]^T)
+//                                                      fused dual GEMM           [P, F]  dtype
+//      one CTA per (expert, 64-row tile, 64-column tile) of moe_tiles.h (the
+//      tile table: prefix sums of the per-expert tile counts, built on the
+//      host from the expert offsets, copied with the kernel's launch). Each
+//      CTA gathers its A rows straight from x (no xs copy), multiplies them
+//      with the gate rows c.. and the up rows F + c.. of W_gate_up[e] into two
+//      fp32 accumulators, and its epilogue writes act (and, with
+//      save_gate_up, h = [g | u] for the backward, in the dtype).
+//   4. ys  = act_e W_down[e]^T                         grouped GEMM, fp32 out    [P, D]  fp32
+//   5. y_t = sum_j ys[slot_pos[t k + j]]               combine, fp32 sum         [T, D]  dtype
 //
-// Why SiLU * up is an elementwise pass and not the gate_up GEMM's epilogue:
-// with the [gate; up] weight layout, gate column c and up column c are F
-// columns apart, so they land in different threadblock tiles of a GEMM over
-// the 2F outputs. Fusing needs the two halves in one tile — an interleaved
-// weight copy per call (as much traffic as the GEMM reads at small T), a
-// dual-B mainloop, or a visitor epilogue over a custom tiled layout — none of
-// which CUTLASS's GemmGrouped provides. The pass costs one read of h (which
-// the backward keeps anyway) and one write of act; the routing weight rides
-// along in it, so the down GEMM needs no epilogue and the combine is a sum.
+// Step 3 takes every float32 input (SIMT FFMA, exact fp32) and bf16/fp16
+// inputs whose x and W_gate_up rows are 16-byte vectors (gate_up_fused_supported:
+// x 16-byte aligned with a row stride that is a multiple of 8; D is). For a
+// bf16/fp16 x that is not (a view at an odd offset), step 3 is the unfused
+// path:
+//   3a. xs  = x[token of slot p]                       gather, 16-byte vectors   [P, D]  dtype
+//   3b. h   = xs_e W_gate_up[e]^T                      grouped GEMM (kRowCol)    [P, 2F] dtype
+//   3c. act = w_p silu(g) u                            one elementwise pass      [P, F]  dtype
+// (CUTLASS's GemmGrouped cannot fuse 3c: gate column c and up column c are F
+// columns apart and land in different threadblock tiles.) The fused path
+// computes silu(g) u from the fp32 accumulators; the unfused one from h
+// rounded to the dtype, so the two agree to bf16/fp16 rounding, not bit for
+// bit. The routing weight rides in act, so the down GEMM needs no epilogue and
+// the combine is a sum.
 //
 // Backward:
 //   1-3. permutation (recomputed), xs, dys = dy[token]                            [P, D]  dtype
-//   4. h: the saved pre-activations, or recomputed as in forward step 4
+//   4. h: the saved pre-activations, or recomputed as in unfused step 3b
 //   5. dA  = dys_e W_down[e]                           grouped GEMM (kRowRow)    [P, F]  fp32
 //   6. per row p (one block): a = silu(g) u; d w[slot p] = dA . a (block sum);
 //      aw = w a; dh = (w dA u silu'(g), w dA silu(g))                            [P, F], [P, 2F] dtype
@@ -51,8 +64,10 @@
 
 #include "common/dispatch.h"
 #include "moe/moe.h"
+#include "moe/moe_gate_up.h"
 #include "moe/moe_grouped_gemm.h"
 #include "moe/moe_permute.h"
+#include "moe/moe_tiles.h"
 
 namespace m1::moe {
 namespace {
@@ -302,25 +317,63 @@ void gate_up_gemm(const MoeInputs& in, const Permutation& perm, const T* xs, T* 
   grouped_gemm(in.dtype, GemmLayout::kRowCol, false, problems, args, stream);
 }
 
+// Whether forward step 3 is the fused dual GEMM (see the file header).
+bool fused_gate_up(const MoeInputs& in) {
+  return gate_up_fused_supported(in.dtype, in.x, in.x_row_stride, in.w_gate_up, in.shape.dim);
+}
+
 template <typename T>
 struct ForwardBuffers {
   Permutation perm;
-  void* args_gate_up;
+  bool fused;             // step 3 fused (the pieces marked "unfused" are then not carved)
+  int64_t* tile_offsets;  // fused: [E + 1] (moe_tiles.h)
+  void* args_gate_up;     // unfused
   void* args_down;
-  T* xs;
-  T* h;  // null when the pre-activations go to the gate_up output
+  T* xs;                  // unfused
+  T* h;                   // unfused, when the pre-activations do not go to the gate_up output
   T* act;
   float* ys;
 
-  ForwardBuffers(Carver& c, const MoeShape& s, bool h_is_output)
-      : perm(c, s),
-        args_gate_up(c.bytes(grouped_gemm_args_bytes(int(s.experts)))),
-        args_down(c.bytes(grouped_gemm_args_bytes(int(s.experts)))),
-        xs(c.take<T>(s.slots() * s.dim)),
-        h(h_is_output ? nullptr : c.take<T>(s.slots() * 2 * s.ffn)),
-        act(c.take<T>(s.slots() * s.ffn)),
-        ys(c.take<float>(s.slots() * s.dim)) {}
+  ForwardBuffers(Carver& c, const MoeInputs& in, bool h_is_output)
+      : perm(c, in.shape),
+        fused(fused_gate_up(in)),
+        tile_offsets(fused ? c.take<int64_t>(in.shape.experts + 1) : nullptr),
+        args_gate_up(fused ? nullptr : c.bytes(grouped_gemm_args_bytes(int(in.shape.experts)))),
+        args_down(c.bytes(grouped_gemm_args_bytes(int(in.shape.experts)))),
+        xs(fused ? nullptr : c.take<T>(in.shape.slots() * in.shape.dim)),
+        h(fused || h_is_output ? nullptr : c.take<T>(in.shape.slots() * 2 * in.shape.ffn)),
+        act(c.take<T>(in.shape.slots() * in.shape.ffn)),
+        ys(c.take<float>(in.shape.slots() * in.shape.dim)) {}
 };
+
+// Forward step 3, fused: the tile table to the device, then the dual GEMM.
+// h_out: the gate_up output, or null.
+template <typename T>
+void fused_gate_up_step(const MoeInputs& in, const ForwardBuffers<T>& b, T* h_out, cudaStream_t stream) {
+  const MoeShape& s = in.shape;
+  std::vector<int64_t> tiles(static_cast<size_t>(s.experts + 1));
+  const int64_t total = build_tile_offsets(b.perm.offsets.data(), s.experts, kGateUpTileM,
+                                           ceil_div(s.ffn, kGateUpTileN), tiles.data());
+  // From pageable memory: staged before cudaMemcpyAsync returns (as in moe_grouped_gemm.cuh).
+  check(cudaMemcpyAsync(b.tile_offsets, tiles.data(), tiles.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream),
+        "copying the gate/up tile table");
+  GateUpParams g;
+  g.dim = s.dim;
+  g.ffn = s.ffn;
+  g.experts = s.experts;
+  g.topk = s.topk;
+  g.x = in.x;
+  g.x_row_stride = in.x_row_stride;
+  g.w_gate_up = in.w_gate_up;
+  g.topk_weights = static_cast<const float*>(in.topk_weights);
+  g.sorted_slots = b.perm.sorted_slots;
+  g.expert_offsets = b.perm.header + 1;
+  g.tile_offsets = b.tile_offsets;
+  g.tiles = total;
+  g.act = b.act;
+  g.gate_up = h_out;
+  gate_up_silu_cuda(g, in.dtype, stream);
+}
 
 template <typename T>
 int64_t forward_typed(const ForwardParams& p, void* workspace, cudaStream_t stream) {
@@ -328,16 +381,20 @@ int64_t forward_typed(const ForwardParams& p, void* workspace, cudaStream_t stre
   const MoeShape& s = in.shape;
   const int64_t P = s.slots(), D = s.dim, F = s.ffn;
   Carver carver(workspace);
-  ForwardBuffers<T> b(carver, s, p.gate_up != nullptr);
+  ForwardBuffers<T> b(carver, in, p.gate_up != nullptr);
   if (const int64_t bad = permute(in, b.perm, stream)) return bad;
-  T* h = p.gate_up ? static_cast<T*>(p.gate_up) : b.h;
 
   if (P > 0 && F > 0 && D > 0) {
-    gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, b.perm, s.topk, P, b.xs, stream);
-    gate_up_gemm<T>(in, b.perm, b.xs, h, b.args_gate_up, stream);
-    silu_mul_kernel<T><<<row_blocks(P), kRowThreads, 0, stream>>>(
-        h, b.perm.sorted_slots, static_cast<const float*>(in.topk_weights), P, F, b.act);
-    check_launch("silu * up kernel");
+    if (b.fused) {
+      fused_gate_up_step<T>(in, b, static_cast<T*>(p.gate_up), stream);
+    } else {
+      T* h = p.gate_up ? static_cast<T*>(p.gate_up) : b.h;
+      gather_rows(static_cast<const T*>(in.x), in.x_row_stride, D, b.perm, s.topk, P, b.xs, stream);
+      gate_up_gemm<T>(in, b.perm, b.xs, h, b.args_gate_up, stream);
+      silu_mul_kernel<T><<<row_blocks(P), kRowThreads, 0, stream>>>(
+          h, b.perm.sorted_slots, static_cast<const float*>(in.topk_weights), P, F, b.act);
+      check_launch("silu * up kernel");
+    }
     const T* w_down = static_cast<const T*>(in.w_down);
     const auto problems = per_expert(b.perm, s.experts, [&](int64_t e, int64_t r, int64_t m) {
       return GemmProblem{int(m), int(D), int(F), b.act + r * F, F, w_down + e * D * F, F, b.ys + r * D, D};
@@ -443,9 +500,9 @@ int64_t backward_typed(const BackwardParams& p, void* workspace, cudaStream_t st
 
 }  // namespace
 
-size_t forward_cuda_workspace_bytes(const MoeShape& s, DType dtype, bool save_gate_up) {
+size_t forward_cuda_workspace_bytes(const MoeInputs& in, bool save_gate_up) {
   Carver c(nullptr);
-  M1_DISPATCH_DTYPE_NO_DOUBLE(dtype, T, { ForwardBuffers<T> b(c, s, save_gate_up); });
+  M1_DISPATCH_DTYPE_NO_DOUBLE(in.dtype, T, { ForwardBuffers<T> b(c, in, save_gate_up); });
   return c.size();
 }
 

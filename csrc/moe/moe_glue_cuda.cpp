@@ -21,7 +21,9 @@ constexpr const char* kBackward = "m1.fused_moe_backward";
 
 // The tensor-core GEMMs move 16-byte rows: bf16/fp16 need D and F to be
 // multiples of 8 and the tensors they read in place (the weights, saved
-// pre-activations) 16-byte aligned. x and grad_y are gathered first: any layout.
+// pre-activations) 16-byte aligned. x and grad_y: any layout (the forward's
+// fused gate/up kernel reads x in place when its rows are 16-byte vectors and
+// gathers it first otherwise; see moe_cuda.cu).
 void check_cuda_layout(const char* op, const MoeInputs& in, std::initializer_list<NamedTensor> read_in_place) {
   if (in.dtype == DType::kFloat32) return;
   TORCH_CHECK_VALUE(in.shape.dim % 8 == 0 && in.shape.ffn % 8 == 0, op,
@@ -49,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> fused_moe_cuda(const at::Tensor& x, const at:
   at::Tensor gate_up = at::empty({save_gate_up ? s.slots() : 0, 2 * s.ffn}, x.options());
   p.y = y.data_ptr();
   p.gate_up = save_gate_up ? gate_up.data_ptr() : nullptr;
-  at::Tensor ws = workspace(x, forward_cuda_workspace_bytes(s, p.in.dtype, save_gate_up));
+  at::Tensor ws = workspace(x, forward_cuda_workspace_bytes(p.in, save_gate_up));
   const int64_t bad = forward_cuda(p, ws.data_ptr(), c10::cuda::getCurrentCUDAStream());
   if (bad != 0) throw_invalid_ids(kForward, bad, s.experts);
   return {y, gate_up};
