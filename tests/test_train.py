@@ -236,3 +236,16 @@ def test_config_errors():
     assert TrainConfig(algo="dapo").clip_range == (0.2, 0.28)
     assert TrainConfig(algo="grpo").clip_range == (0.2, 0.2)
     assert TrainConfig(algo="grpo").filters_groups is False and TrainConfig().filters_groups is True
+    with pytest.raises(ValueError, match="final_lr_frac"):
+        TrainConfig(final_lr_frac=1.5)
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(decay_steps=-1)
+
+
+def test_learning_rate_decays_linearly_over_a_fixed_horizon():
+    cfg = TrainConfig(lr=1e-3, decay_steps=11, final_lr_frac=0.1)
+    assert trainer_mod.rl_lr(cfg, 1) == 1e-3
+    assert math.isclose(trainer_mod.rl_lr(cfg, 6), 0.55e-3)
+    # Past the horizon the rate stays at the floor: a run resumed with a larger --steps keeps its schedule.
+    assert math.isclose(trainer_mod.rl_lr(cfg, 11), 1e-4) and math.isclose(trainer_mod.rl_lr(cfg, 500), 1e-4)
+    assert trainer_mod.rl_lr(dataclasses.replace(cfg, decay_steps=0), 500) == 1e-3
