@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--algo", default="cispo")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at the same time")
+    p.add_argument("--name", default="rl_demo", help="results file: bench/results/NAME.json")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more m1model.train options, after --")
     args = p.parse_args()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
@@ -76,7 +77,7 @@ def main() -> None:
     print_table(rows, [("seed", "seed", "d"), ("wall_s", "wall s", ".0f"), ("sft_accuracy", "SFT acc", ".3f"),
                        ("final_accuracy", "final acc", ".3f"), ("gain_points", "gain (points)", "+.1f"),
                        ("load_avg_1min", "load avg", ".1f")])
-    write_json("rl_demo", {"algo": args.algo, "extra_args": extra, "jobs": args.jobs, "cpus": os.cpu_count(),
+    write_json(args.name, {"algo": args.algo, "extra_args": extra, "jobs": args.jobs, "cpus": os.cpu_count(),
                            "runs": rows})
 
 
