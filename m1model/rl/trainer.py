@@ -120,7 +120,7 @@ class TrainConfig:
     out: str = _f("runs/m1-rl", "run directory: metrics.jsonl, checkpoints/, reward.png")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     # --- task
-    min_digits: int = _f(1, "addition: fewest digits of an operand")
+    min_digits: int = _f(2, "addition: fewest digits of an operand")
     max_digits: int = _f(2, "addition: most digits of an operand")
     reverse: bool = _f(False, "addition: write the sum least significant digit first")
     # --- model: a tiny M1 (lightning and softmax layers, MoE in every layer), vocab of the char tokenizer
@@ -146,6 +146,10 @@ class TrainConfig:
     lr: float = _f(2e-4, "AdamW learning rate of RL")
     warmup: int = _f(20, "RL optimiser steps of linear learning-rate warmup (a fresh Adam's first steps move "
                          "every weight by the full lr)")
+    decay_steps: int = _f(250, "RL steps over which the learning rate decays linearly from lr to final_lr_frac * lr "
+                               "(0: constant; a fixed horizon, not --steps, so a resumed run that goes further "
+                               "keeps the same schedule)")
+    final_lr_frac: float = _f(0.1, "learning rate after decay_steps, as a fraction of lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "max global gradient norm")
     temperature: float = _f(1.0, "sampling temperature of the rollouts (log-probs use the same)")
@@ -160,7 +164,8 @@ class TrainConfig:
     repetition_window: int = _f(3000, "repetition stop: this many consecutive tokens ...")
     repetition_prob: float = _f(0.99, "... each with probability above this")
     # --- evaluation and checkpoints
-    eval_problems: int = _f(400, "held-out problems (eval split) scored greedily")
+    eval_problems: int = _f(300, "held-out problems (eval split) scored greedily (2-digit addition has about "
+                                 "400 distinct held-out pairs)")
     eval_every: int = _f(25, "evaluate every this many steps (and at the end)")
     eval_seed: int = _f(0, "which held-out problems (the same for every training seed)")
     save_every: int = _f(50, "checkpoint every this many steps (and at the end)")
@@ -174,7 +179,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.algo must be one of {ALGOS}, got {self.algo!r}")
         if self.old_logp not in OLD_LOGP:
             raise ValueError(f"TrainConfig.old_logp must be one of {OLD_LOGP}, got {self.old_logp!r}")
-        for name in ("steps", "sft_steps", "eval_problems"):
+        for name in ("steps", "sft_steps", "eval_problems", "decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("prompts_per_step", "group_size", "updates_per_step", "micro_batch_size", "sft_batch_size",
@@ -182,6 +187,8 @@ class TrainConfig:
                      "softmax_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.final_lr_frac <= 1.0:
+            raise ValueError(f"TrainConfig.final_lr_frac must be in [0, 1], got {self.final_lr_frac}")
         if self.group_size < 2:
             raise ValueError("TrainConfig.group_size must be >= 2: group advantages need two responses to compare")
 
@@ -234,6 +241,14 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     """AdamW with the paper's betas (0.9, 0.95) and eps 1e-15 (gradients of RL are tiny; a larger
     eps would silently shrink the update)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-15, weight_decay=weight_decay)
+
+
+def rl_lr(cfg: TrainConfig, step: int) -> float:
+    """The RL learning rate of RL step `step` (1-based) before warmup: linear decay over `decay_steps`."""
+    if cfg.decay_steps == 0:
+        return cfg.lr
+    progress = min(1.0, (step - 1) / max(cfg.decay_steps - 1, 1))
+    return cfg.lr * (1.0 - (1.0 - cfg.final_lr_frac) * progress)
 
 
 def _set_warmup_lr(opt: torch.optim.Optimizer, lr: float, warmup: int) -> None:
@@ -404,8 +419,9 @@ def sample_batch(model, tokenizer, prompts, cfg: TrainConfig, dp: parallel.DataP
 
 
 def policy_update(model, train_model, opt, tokenizer, ro: Rollouts, rows: list[int], advantages: torch.Tensor,
-                  cfg: TrainConfig, dp: parallel.DataParallel) -> dict:
-    """`updates_per_step` optimiser steps on the kept rows of a rollout batch; returns their metrics."""
+                  cfg: TrainConfig, dp: parallel.DataParallel, lr: float) -> dict:
+    """`updates_per_step` optimiser steps (learning rate `lr`, warmed up) on the kept rows of a rollout
+    batch; returns their metrics."""
     # Every rank cuts the same slices (one per optimiser step); each trains on its share of each.
     plan = []
     for rows_k in _slices(rows, cfg.updates_per_step):
@@ -447,7 +463,7 @@ def policy_update(model, train_model, opt, tokenizer, ro: Rollouts, rows: list[i
             if k == 0 and cfg.old_logp == "rollout":   # parameters are still the rollout's
                 corr.add(old[k, j][batch.mask].exp(), logp.detach()[batch.mask].exp())
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
-        _set_warmup_lr(opt, cfg.lr, cfg.warmup)
+        _set_warmup_lr(opt, lr, cfg.warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(dp.sum([loss_sum])[0])
@@ -577,12 +593,14 @@ def train(
 
         # 3. policy update.
         t1 = time.perf_counter()
-        update = (policy_update(model, train_model, opt, tokenizer, ro, rows, advantages, cfg, dp) if rows
+        lr = rl_lr(cfg, step)
+        update = (policy_update(model, train_model, opt, tokenizer, ro, rows, advantages, cfg, dp, lr) if rows
                   else dict.fromkeys(UPDATE_KEYS))
         t_update = time.perf_counter() - t1
 
         # 4. metrics, evaluation, checkpoint.
-        record = {**rollout_metrics(ro), "kept_groups": len(groups), "sampled_groups": ro.num_groups, **update}
+        record = {**rollout_metrics(ro), "kept_groups": len(groups), "sampled_groups": ro.num_groups, "lr": lr,
+                  **update}
         sampled_tokens = sum(len(r) for r in ro.responses)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             t2 = time.perf_counter()
