@@ -99,7 +99,7 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         B, T, _ = x.shape
         H, Dh = self.heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * Dh)
+        qkv = ops.linear(x, self.qkv_proj.weight, "silu").view(B, T, H, 3 * Dh)
         q, k, v = qkv.split(Dh, dim=-1)  # views [B, T, H, Dh] with a contiguous last dim
         slope, cache = self.slope(x.device), batch.cache
         if cache is not None and batch.cu_seqlens is None and T == 1:
@@ -114,7 +114,7 @@ class LightningAttention(nn.Module):
             if cache is not None:
                 cache.states[self.layer_idx].copy_(final)
         o = self.norm(o.reshape(B, T, H * Dh))
-        return self.out_proj(o * torch.sigmoid(self.output_gate(x)))
+        return ops.linear(o * ops.linear(x, self.output_gate.weight, "sigmoid"), self.out_proj.weight)
 
 
 class SoftmaxAttention(nn.Module):
@@ -147,21 +147,27 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim), batch.cos, batch.sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), batch.cos, batch.sin)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        q = apply_rope(ops.linear(x, self.q_proj.weight).view(B, T, self.heads, self.head_dim), batch.cos, batch.sin)
+        k = apply_rope(ops.linear(x, self.k_proj.weight).view(B, T, self.kv_heads, self.head_dim), batch.cos, batch.sin)
+        v = ops.linear(x, self.v_proj.weight).view(B, T, self.kv_heads, self.head_dim)
         cache = batch.cache
         if batch.bounds is not None:  # packed: one causal attention per sequence
             if cache is not None:
                 for n, (a, b) in enumerate(batch.bounds):
                     cache.write_prompt(self.layer_idx, n, k[0, a:b], v[0, a:b])
-            return self.o_proj(self._packed(q[0], k[0], v[0], batch.same_length).reshape(B, T, -1))
+            return ops.linear(self._packed(q[0], k[0], v[0], batch.same_length).reshape(B, T, -1), self.o_proj.weight)
         if cache is None:
             o = self._sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         else:
+            fresh = cache.is_empty()  # dense prefill: every row holds tokens 0..T-1, plain causal attention
             keys, values, mask = cache.append(self.layer_idx, k, v, batch.positions)
-            o = self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            if fresh:
+                o = self._sdpa(q.transpose(1, 2), keys, values, is_causal=True)
+            elif T == 1 and bool(mask.all()):  # one new token per row, rows of equal length: no mask needed
+                o = self._sdpa(q.transpose(1, 2), keys, values)
+            else:
+                o = self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask)
+        return ops.linear(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj.weight)
 
 
 class Experts(nn.Module):
