@@ -52,8 +52,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in fp32 (one fused kernel), then transformers' rounding order.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, then transformers' rounding order (cast, times the weight).
+        # mean(x^2) comes from one vector_norm reduction: F.rms_norm runs pow, mean, add, rsqrt and mul
+        # on the CPU, a pass each over [T, D] (12% of a bf16 prefill: bench/profile_model.py).
+        xf = x.float()
+        inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1] + self.eps)
+        y = (xf * inv).to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return self.weight * y
+        return y.mul_(self.weight) if y.dtype == torch.promote_types(y.dtype, self.weight.dtype) else self.weight * y
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +170,14 @@ class SoftmaxAttention(nn.Module):
             keys, values, mask = cache.append(self.layer_idx, k, v, batch.positions)
             if fresh:
                 o = self._sdpa(q.transpose(1, 2), keys, values, is_causal=True)
-            elif T == 1 and bool(mask.all()):  # one new token per row, rows of equal length: no mask needed
-                o = self._sdpa(q.transpose(1, 2), keys, values)
             else:
-                o = self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask)
+                # One new token per row and rows of equal length need no mask. Decoding attends in fp32:
+                # the CPU's bf16 SDPA takes 9 ms for one query against 4096 keys, the fp32 one 1.4 ms
+                # (bench/profile_model.py), and converting the keys costs far less.
+                mask = None if T == 1 and bool(mask.all()) else mask
+                up = T == 1 and q.dtype != torch.float32 and q.device.type == "cpu"
+                qs, keys, values = (t.float() for t in (q, keys, values)) if up else (q, keys, values)
+                o = self._sdpa(qs.transpose(1, 2), keys, values, attn_mask=mask).to(q.dtype)
         return ops.linear(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj.weight)
 
 
@@ -213,11 +224,16 @@ class DecoderLayer(nn.Module):
             self.attn_alpha, self.attn_beta = config.linear_attn_alpha, config.linear_attn_beta
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
 
+    @staticmethod
+    def _residual(r: torch.Tensor, alpha: float, y: torch.Tensor, beta: float) -> torch.Tensor:
+        """r * alpha + y * beta in one pass when beta == 1 (M1's value): y + alpha * r."""
+        return torch.add(y if beta == 1.0 else y * beta, r, alpha=alpha)
+
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, batch) * self.attn_beta
+        x = self._residual(h if self.postnorm else x, self.attn_alpha, self.self_attn(h, batch), self.attn_beta)
         h = self.post_attention_layernorm(x)
-        return (h if self.postnorm else x) * self.mlp_alpha + self.mlp(h) * self.mlp_beta
+        return self._residual(h if self.postnorm else x, self.mlp_alpha, self.mlp(h), self.mlp_beta)
 
 
 class M1Model(nn.Module):
