@@ -105,30 +105,59 @@ def fp32_logits(hidden, weight) -> torch.Tensor:
     return _impl("fp32_logits")(hidden, weight)
 
 
-_ACTIVATIONS = {None: ("none", lambda y: y), "silu": ("swish", F.silu), "sigmoid": ("sigmoid", torch.sigmoid)}
-
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear() may take oneDNN's CPU matmul: inference (nothing to differentiate), eager mode,
-    fp32/bf16 tensors of one dtype on the CPU, oneDNN built in."""
+    """Whether linear() may take oneDNN's CPU matmul: eager mode, fp32/bf16 tensors of one dtype on
+    the CPU, oneDNN built in."""
     return (
         x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
         and x.dtype in (torch.float32, torch.bfloat16)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
     )
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, attr: str) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, attr, [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """act(x @ weight^T) by oneDNN, act in {"none", "sigmoid"} (whose derivative comes from the
+    output); gradients by torch.matmul. The forward is the very computation of inference, so a
+    recomputation under no_grad gives bitwise the same values as the training forward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, attr):
+        y = _onednn(x, weight, attr)
+        ctx.attr = attr
+        ctx.save_for_backward(x, weight, y if attr == "sigmoid" else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, y = ctx.saved_tensors
+        if ctx.attr == "sigmoid":
+            g = g * y * (1 - y)
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None = None) -> torch.Tensor:
     """act(x @ weight^T): x [..., K]; weight [O, K] -> [..., O] in x's dtype; activation None | "silu" | "sigmoid".
 
-    On the CPU in inference this runs oneDNN's matmul with the activation fused into it: the MKL
-    sgemm behind F.linear takes its AVX2 path on AMD CPUs and reaches about half of oneDNN's AVX-512
-    rate (bench/profile_model.py: 63 against 129 GFLOP/s on one core for [4096, 1024] x [1024, 3072]).
-    With gradients, under torch.compile, on other devices and on the reference switch it is
-    F.linear followed by the activation (the same function up to fp32 summation order).
+    On the CPU the matmul runs on oneDNN (sigmoid fused into it): the MKL sgemm behind F.linear
+    takes its AVX2 path on AMD CPUs and reaches about half of oneDNN's AVX-512 rate
+    (bench/profile_model.py: 63 against 129 GFLOP/s on one core for [4096, 1024] x [1024, 3072]).
+    With and without gradients it computes the same values. Under torch.compile, on other devices
+    and on the reference switch it is F.linear followed by the activation (the same function up to
+    fp32 summation order).
     """
-    attr, act = _ACTIVATIONS[activation]
     if not _state["reference"] and _onednn_linear_ok(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, attr, [], "")
-    return act(F.linear(x, weight))
+        attr = "sigmoid" if activation == "sigmoid" else "none"
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            y = _OneDNNLinear.apply(x, weight, attr)
+        else:
+            y = _onednn(x, weight, attr)
+        return F.silu(y) if activation == "silu" else y
+    y = F.linear(x, weight)
+    return F.silu(y) if activation == "silu" else torch.sigmoid(y) if activation == "sigmoid" else y
