@@ -1,4 +1,6 @@
-"""m1model.ops.linear: the model's projections (oneDNN on the CPU; up to 8 rows the FP32 head's GEMV) against F.linear in float64.
+"""m1model.ops.linear, the model's projections, against F.linear in float64.
+
+On the CPU it runs oneDNN, and up to 8 rows the FP32 head's GEMV: the shapes below take both.
 
 Checks values and gradients for every activation, fp32 and bf16, 2-D / 3-D / strided inputs,
 that the inference call and the autograd call give bitwise the same values (the RL trainer's
