@@ -52,8 +52,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in fp32 (one fused kernel), then transformers' rounding order.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, then transformers' rounding order (cast, times the weight).
+        # mean(x^2) comes from one vector_norm reduction: F.rms_norm runs pow, mean, add, rsqrt and mul
+        # on the CPU, a pass each over [T, D] (12% of a bf16 prefill: bench/profile_model.py).
+        xf = x.float()
+        inv = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1] + self.eps)
+        y = (xf * inv).to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return self.weight * y
+        return y.mul_(self.weight) if y.dtype == torch.promote_types(y.dtype, self.weight.dtype) else self.weight * y
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +106,7 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         B, T, _ = x.shape
         H, Dh = self.heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * Dh)
+        qkv = ops.linear(x, self.qkv_proj.weight, "silu").view(B, T, H, 3 * Dh)
         q, k, v = qkv.split(Dh, dim=-1)  # views [B, T, H, Dh] with a contiguous last dim
         slope, cache = self.slope(x.device), batch.cache
         if cache is not None and batch.cu_seqlens is None and T == 1:
@@ -114,7 +121,7 @@ class LightningAttention(nn.Module):
             if cache is not None:
                 cache.states[self.layer_idx].copy_(final)
         o = self.norm(o.reshape(B, T, H * Dh))
-        return self.out_proj(o * torch.sigmoid(self.output_gate(x)))
+        return ops.linear(o * ops.linear(x, self.output_gate.weight, "sigmoid"), self.out_proj.weight)
 
 
 class SoftmaxAttention(nn.Module):
@@ -147,21 +154,31 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim), batch.cos, batch.sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), batch.cos, batch.sin)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        q = apply_rope(ops.linear(x, self.q_proj.weight).view(B, T, self.heads, self.head_dim), batch.cos, batch.sin)
+        k = apply_rope(ops.linear(x, self.k_proj.weight).view(B, T, self.kv_heads, self.head_dim), batch.cos, batch.sin)
+        v = ops.linear(x, self.v_proj.weight).view(B, T, self.kv_heads, self.head_dim)
         cache = batch.cache
         if batch.bounds is not None:  # packed: one causal attention per sequence
             if cache is not None:
                 for n, (a, b) in enumerate(batch.bounds):
                     cache.write_prompt(self.layer_idx, n, k[0, a:b], v[0, a:b])
-            return self.o_proj(self._packed(q[0], k[0], v[0], batch.same_length).reshape(B, T, -1))
+            return ops.linear(self._packed(q[0], k[0], v[0], batch.same_length).reshape(B, T, -1), self.o_proj.weight)
         if cache is None:
             o = self._sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         else:
+            fresh = cache.is_empty()  # dense prefill: every row holds tokens 0..T-1, plain causal attention
             keys, values, mask = cache.append(self.layer_idx, k, v, batch.positions)
-            o = self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            if fresh:
+                o = self._sdpa(q.transpose(1, 2), keys, values, is_causal=True)
+            else:
+                # One new token per row and rows of equal length need no mask. Decoding attends in fp32:
+                # the CPU's bf16 SDPA takes 9 ms for one query against 4096 keys, the fp32 one 1.4 ms
+                # (bench/profile_model.py), and converting the keys costs far less.
+                mask = None if T == 1 and bool(mask.all()) else mask
+                up = T == 1 and q.dtype != torch.float32 and q.device.type == "cpu"
+                qs, keys, values = (t.float() for t in (q, keys, values)) if up else (q, keys, values)
+                o = self._sdpa(qs.transpose(1, 2), keys, values, attn_mask=mask).to(q.dtype)
+        return ops.linear(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj.weight)
 
 
 class Experts(nn.Module):
@@ -207,11 +224,16 @@ class DecoderLayer(nn.Module):
             self.attn_alpha, self.attn_beta = config.linear_attn_alpha, config.linear_attn_beta
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
 
+    @staticmethod
+    def _residual(r: torch.Tensor, alpha: float, y: torch.Tensor, beta: float) -> torch.Tensor:
+        """r * alpha + y * beta in one pass when beta == 1 (M1's value): y + alpha * r."""
+        return torch.add(y if beta == 1.0 else y * beta, r, alpha=alpha)
+
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, batch) * self.attn_beta
+        x = self._residual(h if self.postnorm else x, self.attn_alpha, self.self_attn(h, batch), self.attn_beta)
         h = self.post_attention_layernorm(x)
-        return (h if self.postnorm else x) * self.mlp_alpha + self.mlp(h) * self.mlp_beta
+        return self._residual(h if self.postnorm else x, self.mlp_alpha, self.mlp(h), self.mlp_beta)
 
 
 class M1Model(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 import m1ops
 from m1ops.reference import torch_ops as _ref
@@ -102,3 +103,70 @@ def fp32_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-100
 def fp32_logits(hidden, weight) -> torch.Tensor:
     """hidden [N, D]; weight [V, D] -> logits [N, V] fp32."""
     return _impl("fp32_logits")(hidden, weight)
+
+
+def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear() may take oneDNN's CPU matmul: eager mode, fp32/bf16 tensors of one dtype on
+    the CPU, oneDNN built in."""
+    return (
+        x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+    )
+
+
+_FEW_ROWS = 8  # rows up to which the FP32 head's GEMV path runs (csrc/logits: kFewRowsHead)
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, attr: str) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, attr, [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """act(x @ weight^T) by oneDNN, act in {"none", "sigmoid"} (whose derivative comes from the
+    output); gradients by torch.matmul. The forward is the very computation of inference, so a
+    recomputation under no_grad gives bitwise the same values as the training forward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, attr):
+        y = _onednn(x, weight, attr)
+        ctx.attr = attr
+        ctx.save_for_backward(x, weight, y if attr == "sigmoid" else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, y = ctx.saved_tensors
+        if ctx.attr == "sigmoid":
+            g = g * y * (1 - y)
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    """act(x @ weight^T): x [..., K]; weight [O, K] -> [..., O] in x's dtype; activation None | "silu" | "sigmoid".
+
+    The model's projections. On the CPU, up to 8 rows (decoding) run on m1ops.fp32_logits' GEMV
+    path and more rows on oneDNN (the sigmoid fused into it): the MKL sgemm behind F.linear takes
+    its AVX2 path on AMD CPUs and reaches about half of oneDNN's AVX-512 rate (63 against 129
+    GFLOP/s on one core for [4096, 1024] x [1024, 3072]; bench/profile_model.py shows the share).
+    With and without gradients it computes the same values. Under torch.compile, on other devices
+    and on the reference switch it is F.linear followed by the activation (the same function up to
+    fp32 summation order).
+    """
+    if not _state["reference"] and _onednn_linear_ok(x, weight) and x.numel() <= _FEW_ROWS * x.shape[-1]:
+        # Decoding (a few rows): a weight-bandwidth-bound GEMV. m1ops' FP32 head reads the weight once
+        # as stored with fp32 products and sums (a linear with fp32 accumulation, rounded once to x's
+        # dtype): 31 GB/s against oneDNN's 22 GB/s on a [3072, 1024] fp32 weight out of cache.
+        y = m1ops.fp32_logits(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1).to(x.dtype)
+        return F.silu(y) if activation == "silu" else torch.sigmoid(y) if activation == "sigmoid" else y
+    if not _state["reference"] and _onednn_linear_ok(x, weight):
+        attr = "sigmoid" if activation == "sigmoid" else "none"
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            y = _OneDNNLinear.apply(x, weight, attr)
+        else:
+            y = _onednn(x, weight, attr)
+        return F.silu(y) if activation == "silu" else y
+    y = F.linear(x, weight)
+    return F.silu(y) if activation == "silu" else torch.sigmoid(y) if activation == "sigmoid" else y

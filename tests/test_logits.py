@@ -244,6 +244,24 @@ def test_fp32_logits(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fp32_logits_few_rows(wdtype, device):
+    """Decoding sizes (N <= 8 rows take a GEMV path on the CPU, N = 9 the tiled GEMM): awkward D and V
+    (not multiples of the vector width or the 256-column block), strided hidden rows, 16-bit weights
+    used as stored, every row against the float64 product of the same values."""
+    for N in (1, 2, 3, 7, 8, 9):
+        for D, V in ((37, 300), (256, 513)):
+            hidden, weight, _ = make_inputs(N, D, V, device, torch.float32, wdtype)
+            wide = torch.randn(N, D + 5, device=device)
+            wide[:, :D] = hidden
+            view = wide[:, :D]  # row stride D + 5
+            for h in (hidden, view, hidden.to(wdtype)):
+                out = m1ops.fp32_logits(h, weight)
+                assert out.dtype == torch.float32 and out.shape == (N, V)
+                assert_rel_close(out, fp32_logits_ref(h.double(), weight.double()), FP32_TOL, f"N={N} D={D} V={V}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_logits_agree_with_logprobs(device):
     """log_softmax of fp32_logits picks the same log-probs as fp32_logprobs (one fp32 head, two ops)."""
     hidden, weight, targets = make_inputs(40, 64, 3000, device, torch.bfloat16)

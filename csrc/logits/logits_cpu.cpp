@@ -34,6 +34,7 @@
 #include "logits/logits.h"
 #include "logits/logits_common.h"
 #include "logits/logits_cpu_math.h"
+#include "moe/moe_cpu_common.h"
 
 // See logits_cpu_math.h: 32-byte vectors only live inside inlined helpers.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -341,10 +342,37 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
 // ---------------------------------------------------------------------------
 // logits forward and backward
 
+// A few rows (decoding: N = batch): the GEMM is a weight-bandwidth-bound GEMV, which the sgemm in
+// libtorch (MKL's AVX2 path on AMD) runs at about 19 GB/s and, for a bf16 weight, only after a
+// widened copy of every block. The fused MoE's few-rows kernel reads the weight once, as stored,
+// with fp32 products and sums (fp32 accumulators, as sgemm).
+constexpr int64_t kFewRowsHead = moe::cpu_detail::kFewRows;
+
+template <typename T>
+void logits_fwd_few_rows(const LogitsFwdParams& p, const float* hidden, int64_t ldh) {
+  const int64_t N = p.n, D = p.d, V = p.v;
+  const T* weight = static_cast<const T*>(p.weight.ptr);
+  float* out = static_cast<float*>(p.out);
+  cpu::parallel_for(0, ceil_div(V, kVocabBlock), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
+      moe::cpu_detail::gemm_nt_few_rows<T>(N, w, D, hidden, ldh, weight + c0 * p.weight.ld, p.weight.ld, out + c0, V);
+    }
+  });
+}
+
 template <typename Acc>
 void logits_fwd_typed(const LogitsFwdParams& p) {
   const int64_t N = p.n, D = p.d, V = p.v;
   if (N == 0 || V == 0) return;
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (N <= kFewRowsHead) {
+      const AccMatrix<Acc> hidden(p.hidden, N, D, kRowTile);
+      M1_DISPATCH_DTYPE(p.weight.dtype, T, {
+        if constexpr (!std::is_same_v<T, double>) return logits_fwd_few_rows<T>(p, hidden.row(0), hidden.ld());
+      });
+    }
+  }
   const int64_t I = ceil_div(N, kRowTile), J = ceil_div(V, kVocabBlock);
   const AccMatrix<Acc> hidden(p.hidden, N, D, kRowTile);
   Acc* out = static_cast<Acc*>(p.out);
