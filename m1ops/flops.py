@@ -214,3 +214,32 @@ def _register_cpu_sdpa() -> None:
 
 
 _register_cpu_sdpa()
+
+
+# ------------------------------------------------ oneDNN linear on the CPU
+#
+# m1model runs its dense projections through torch.ops.mkldnn._linear_pointwise
+# (oneDNN's linear with a fused activation, the op inductor uses on the CPU);
+# torch has no formula for it. y = x W^T: [M, K] x [K, N], 2 M N K; the fused
+# activation is elementwise and not counted. Overloads: default (x, W, b, ...)
+# and binary (x, other, W, b, ...), where `other` has the output's shape.
+
+
+def _register_onednn_linear() -> None:
+    from torch.utils import flop_counter
+
+    packet = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if packet is None or packet in flop_counter.flop_registry:
+        return
+
+    @register_flop_formula(packet)
+    def _onednn_linear_formula(x_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
+        # default: (x, W, b, attr, ...); binary: (x, other, W, b, attr, ...): attr follows b.
+        weight_shape = second_shape if len(args) > 1 and isinstance(args[1], str) else args[0]
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * weight_shape[0] * x_shape[-1]
+
+
+_register_onednn_linear()

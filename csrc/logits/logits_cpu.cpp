@@ -31,10 +31,10 @@
 
 #include "common/cpu_runtime.h"
 #include "common/dispatch.h"
+#include "common/few_rows_gemm.h"
 #include "logits/logits.h"
 #include "logits/logits_common.h"
 #include "logits/logits_cpu_math.h"
-#include "moe/moe_cpu_common.h"
 
 // See logits_cpu_math.h: 32-byte vectors only live inside inlined helpers.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -346,7 +346,7 @@ void logprobs_bwd_typed(const LogprobsBwdParams& p) {
 // libtorch (MKL's AVX2 path on AMD) runs at about 19 GB/s and, for a bf16 weight, only after a
 // widened copy of every block. The fused MoE's few-rows kernel reads the weight once, as stored,
 // with fp32 products and sums (fp32 accumulators, as sgemm).
-constexpr int64_t kFewRowsHead = moe::cpu_detail::kFewRows;
+constexpr int64_t kFewRowsHead = cpu::kFewRows;
 
 template <typename T>
 void logits_fwd_few_rows(const LogitsFwdParams& p, const float* hidden, int64_t ldh) {
@@ -356,7 +356,7 @@ void logits_fwd_few_rows(const LogitsFwdParams& p, const float* hidden, int64_t 
   cpu::parallel_for(0, ceil_div(V, kVocabBlock), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kVocabBlock, w = std::min(kVocabBlock, V - c0);
-      moe::cpu_detail::gemm_nt_few_rows<T>(N, w, D, hidden, ldh, weight + c0 * p.weight.ld, p.weight.ld, out + c0, V);
+      cpu::gemm_nt_few_rows<T>(N, w, D, hidden, ldh, weight + c0 * p.weight.ld, p.weight.ld, out + c0, V);
     }
   });
 }

@@ -23,6 +23,7 @@
 
 #include "common/cpu_runtime.h"
 #include "common/dtype.h"
+#include "common/few_rows_gemm.h"
 #include "moe/moe.h"
 #include "moe/moe_permute.h"
 
@@ -236,98 +237,10 @@ M1_CPU_MULTIVERSION void store_block(const Acc* __restrict src, int64_t ld_src, 
     for (int64_t j = 0; j < cols; ++j) dst[i * ld_dst + j] = store_from<T>(src[i * ld_src + j]);
 }
 
-// C[m, n] = A[m, k] B[n, k]^T for an expert with few rows (m <= kFewRows):
-// A in fp32 (row stride lda), B read once in its storage type T and widened
-// in registers, C fp32 (row stride ldc). With 16-bit weights this reads half
-// the bytes a converted fp32 copy would, which is what a small batch is
-// bound by; the M accumulator rows of 8 lanes stay in vector registers.
-constexpr int64_t kFewRows = 8;
-
-// 8 floats as one vector (GCC vector extension: AVX2 in the x86-64-v3 clone,
-// two SSE halves in the baseline one), so that accumulators stay in registers.
-typedef float v8sf __attribute__((vector_size(32)));
-typedef uint16_t v8hu __attribute__((vector_size(16)));
-typedef uint32_t v8su __attribute__((vector_size(32)));
-
-// Loads through an out-parameter: a vector returned by value from a function
-// compiled without AVX would draw GCC's ABI warning (-Wpsabi), inlined or not.
-M1_INLINE void load8(const float* p, v8sf& v) { std::memcpy(&v, p, sizeof(v)); }
-
-M1_INLINE void load8(const bf16* p, v8sf& v) {  // bf16 -> fp32: zero-extend, shift into the high half
-  v8hu h;
-  std::memcpy(&h, p, sizeof(h));
-  const v8su w = __builtin_convertvector(h, v8su) << 16;
-  std::memcpy(&v, &w, sizeof(v));
-}
-
-M1_INLINE void load8(const fp16* p, v8sf& v) {
-  for (int l = 0; l < 8; ++l) v[l] = fp16_to_float(p[l]);
-}
-
-template <typename T, int M>
-M1_CPU_MULTIVERSION void gemm_nt_few_rows_fixed(int64_t n, int64_t k, const float* __restrict a, int64_t lda,
-                                                const T* __restrict b, int64_t ldb, float* __restrict c,
-                                                int64_t ldc) {
-  constexpr int V = 8;                              // lanes of one accumulator vector
-  constexpr int U = M >= 4 ? 1 : (M >= 2 ? 2 : 4);  // independent sets: >= 4 FMA chains in flight
-  for (int64_t j = 0; j < n; ++j) {
-    const T* __restrict brow = b + j * ldb;
-    v8sf acc[U][M];
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-      for (int i = 0; i < M; ++i) acc[u][i] = v8sf{};
-    int64_t p = 0;
-    for (; p + U * V <= k; p += U * V) {
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        v8sf bv, av;
-        load8(brow + p + u * V, bv);
-#pragma GCC unroll 8
-        for (int i = 0; i < M; ++i) {
-          load8(a + i * lda + p + u * V, av);
-          acc[u][i] += av * bv;
-        }
-      }
-    }
-    for (int i = 0; i < M; ++i) {
-      v8sf t = acc[0][i];
-      for (int u = 1; u < U; ++u) t += acc[u][i];
-      float sum = 0.f;
-      for (int l = 0; l < V; ++l) sum += t[l];
-      for (int64_t q = p; q < k; ++q) sum += a[i * lda + q] * load_as<float>(brow[q]);
-      c[i * ldc + j] = sum;
-    }
-  }
-}
-
-template <typename T>
-void gemm_nt_few_rows_block(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb,
-                            float* c, int64_t ldc) {
-  switch (m) {
-    case 1: gemm_nt_few_rows_fixed<T, 1>(n, k, a, lda, b, ldb, c, ldc); break;
-    case 2: gemm_nt_few_rows_fixed<T, 2>(n, k, a, lda, b, ldb, c, ldc); break;
-    case 3: gemm_nt_few_rows_fixed<T, 3>(n, k, a, lda, b, ldb, c, ldc); break;
-    case 4: gemm_nt_few_rows_fixed<T, 4>(n, k, a, lda, b, ldb, c, ldc); break;
-    case 5: gemm_nt_few_rows_fixed<T, 5>(n, k, a, lda, b, ldb, c, ldc); break;
-    case 6: gemm_nt_few_rows_fixed<T, 6>(n, k, a, lda, b, ldb, c, ldc); break;
-    case 7: gemm_nt_few_rows_fixed<T, 7>(n, k, a, lda, b, ldb, c, ldc); break;
-    case 8: gemm_nt_few_rows_fixed<T, 8>(n, k, a, lda, b, ldb, c, ldc); break;
-    default: throw std::logic_error("m1 fused_moe: gemm_nt_few_rows_block takes 1 to 8 rows");
-  }
-}
-
-// Any m: blocks of 8 rows of A against blocks of 16 rows of B (which stay in
-// L1/L2 while every row block of A passes over them).
-template <typename T>
-void gemm_nt_few_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb,
-                      float* c, int64_t ldc) {
-  constexpr int64_t kBRows = 16;
-  for (int64_t j = 0; j < n; j += kBRows)
-    for (int64_t i = 0; i < m; i += kFewRows)
-      gemm_nt_few_rows_block(std::min(kFewRows, m - i), std::min(kBRows, n - j), k, a + i * lda, lda, b + j * ldb,
-                             ldb, c + i * ldc + j, ldc);
-}
+// The few-rows GEMM (decode-sized experts: weights read once as stored) is
+// shared with the FP32 head: common/few_rows_gemm.h.
+using cpu::gemm_nt_few_rows;
+using cpu::kFewRows;
 
 // dst[j, i] = src[i, j] for a [rows, cols] block of 16-bit values (row
 // strides ld_src, ld_dst): 8 x 8 blocks through SSE2 unpacks (24 per 64
