@@ -55,7 +55,7 @@ def _lightning_attn_decode_fake(q, k, v, slope, state, *, scale=1.0):
 # Tokens per block when block_size is None (the kernels' defaults): 64 on the
 # CPU (the fastest measured with bench/bench_lightning.py: the per-token cost is
 # 2 * block * (K + V) + 4 * K * V flops, and BLAS stays efficient on 64-row
-# tiles) and 64 on CUDA (the kernels' MMA tile along T; the only size they take).
+# tiles) and 64 on CUDA (the kernels' MMA tile along T, which they run whatever is asked).
 DEFAULT_BLOCK_SIZE = {"cpu": 64, "cuda": 64}
 
 
@@ -91,8 +91,8 @@ def lightning_attn(
         cu_seqlens: [N + 1] int32/int64 offsets of N sequences packed along T (B == 1):
             cu[0] = 0, non-decreasing, cu[N] = T; empty segments are legal.
         block_size: tokens per block (a speed knob: results agree across sizes to
-            rounding). None = DEFAULT_BLOCK_SIZE of the device; CPU takes 1..4096,
-            CUDA takes 64.
+            rounding). None = DEFAULT_BLOCK_SIZE of the device; 1..4096 is accepted
+            everywhere; the CUDA kernels always run their 64-token MMA tile.
 
     q, k, v may be any strided views: slices of a fused qkv projection (unit
     stride in the last dimension) pass without a copy, other layouts are copied. Head dims: CPU any K, V <= 256;
