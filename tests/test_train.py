@@ -242,6 +242,10 @@ def test_config_errors():
         TrainConfig(final_lr_frac=1.5)
     with pytest.raises(ValueError, match="decay_steps"):
         TrainConfig(decay_steps=-1)
+    with pytest.raises(ValueError, match="sft_final_lr_frac"):
+        TrainConfig(sft_final_lr_frac=-0.1)
+    with pytest.raises(ValueError, match="sft_warmup"):
+        TrainConfig(sft_warmup=-1)
 
 
 def test_learning_rate_decays_linearly_over_a_fixed_horizon():
@@ -251,3 +255,14 @@ def test_learning_rate_decays_linearly_over_a_fixed_horizon():
     # Past the horizon the rate stays at the floor: a run resumed with a larger --steps keeps its schedule.
     assert math.isclose(trainer_mod.rl_lr(cfg, 11), 1e-4) and math.isclose(trainer_mod.rl_lr(cfg, 500), 1e-4)
     assert trainer_mod.rl_lr(dataclasses.replace(cfg, decay_steps=0), 500) == 1e-3
+
+
+def test_sft_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    cfg = TrainConfig(sft_steps=14, sft_lr=1e-3, sft_warmup=4, sft_final_lr_frac=0.1)
+    lrs = [trainer_mod.sft_lr_at(cfg, i) for i in range(cfg.sft_steps)]
+    assert lrs[:4] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+    # The peak ends the warmup (step 3); the cosine then reaches its midpoint at step 8 and the floor last.
+    assert lrs[3] == pytest.approx(1e-3) and lrs[8] == pytest.approx(0.55e-3) and lrs[13] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    constant = dataclasses.replace(cfg, sft_warmup=0, sft_final_lr_frac=1.0)
+    assert [trainer_mod.sft_lr_at(constant, i) for i in range(14)] == [1e-3] * 14
