@@ -266,3 +266,15 @@ def test_sft_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
     constant = dataclasses.replace(cfg, sft_warmup=0, sft_final_lr_frac=1.0)
     assert [trainer_mod.sft_lr_at(constant, i) for i in range(14)] == [1e-3] * 14
+
+
+def test_sft_stops_at_the_target_loss(tmp_path):
+    # A target every loss meets stops after the first 10 steps (the window the loss is averaged over);
+    # one no loss meets, and no target, run every step.
+    records = {}
+    for name, target in (("met", 1e9), ("unmet", 0.0), ("none", None)):
+        train(tiny(tmp_path / name, steps=0, sft_target_loss=target), log=lambda s: None)
+        records[name] = read_metrics(tmp_path / name)[0]
+    assert records["met"]["sft_steps_run"] == 10
+    assert records["unmet"]["sft_steps_run"] == records["none"]["sft_steps_run"] == TINY["sft_steps"]
+    assert records["unmet"]["sft_loss"] == records["none"]["sft_loss"]

@@ -138,6 +138,8 @@ class TrainConfig:
     sft_steps: int = _f(400, "supervised steps before RL (0: none)")
     sft_batch_size: int = _f(128, "demonstrations per supervised step")
     sft_lr: float = _f(1e-3, "AdamW peak learning rate of the warm start")
+    sft_target_loss: float | None = _f(None, "stop the warm start early once the mean loss of its last 10 steps "
+                                             "is at most this (None: always run sft_steps)")
     sft_warmup: int = _f(0, "warm-start steps of linear learning-rate warmup")
     sft_final_lr_frac: float = _f(1.0, "warm-start learning rate at the last step, as a fraction of sft_lr "
                                        "(cosine decay after the warmup; 1: constant)")
@@ -349,10 +351,15 @@ def _stats(cfg: TrainConfig, logp, old_logp, adv, mask) -> LossStats:
 
 
 def sft_warm_start(model, train_model, tokenizer, task: Task, cfg: TrainConfig, dp: parallel.DataParallel) -> dict:
-    """`sft_steps` AdamW steps on demonstrations from the train split: the mean NLL of the completion
-    tokens (answer + END) over each batch, so a tiny model starts RL with a non-zero reward."""
+    """Up to `sft_steps` AdamW steps on demonstrations from the train split: the mean NLL of the completion
+    tokens (answer + END) over each batch, so a tiny model starts RL with a non-zero reward.
+
+    With `sft_target_loss` the warm start stops once the loss (mean of the last 10 steps, on batches never
+    seen before, so it tracks held-out skill) reaches the target: when a tiny model learns to carry varies
+    a lot with the seed (one seed at 400 steps, another past 500), and a fixed step count would start RL
+    from very different places; a target loss starts every seed at about the same competence."""
     if cfg.sft_steps == 0:
-        return {"sft_loss": None}
+        return {"sft_loss": None, "sft_steps_run": 0}
     demos = task.demonstrations(cfg.sft_steps * cfg.sft_batch_size, seed=cfg.seed)
     encoded = [(tokenizer.encode(p, bos=True), tokenizer.encode(c)) for p, c in demos]
     opt = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
@@ -375,7 +382,9 @@ def sft_warm_start(model, train_model, tokenizer, task: Task, cfg: TrainConfig, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(dp.sum([loss_sum])[0])
-    return {"sft_loss": sum(losses[-10:]) / len(losses[-10:])}
+        if cfg.sft_target_loss is not None and len(losses) >= 10 and sum(losses[-10:]) / 10 <= cfg.sft_target_loss:
+            break
+    return {"sft_loss": sum(losses[-10:]) / len(losses[-10:]), "sft_steps_run": len(losses)}
 
 
 @torch.no_grad()
