@@ -32,6 +32,7 @@ REQUIRED = ("step", "reward_mean", "accuracy", "response_len_mean", "clip_frac",
 # default is 2-digit operands).
 TINY = dict(min_digits=1, hidden_size=32, layers=2, softmax_every=2, heads=2, kv_heads=1, head_dim=16, experts=3,
             experts_per_token=2, expert_size=32, block_size=4, sft_steps=30, sft_batch_size=8, sft_lr=3e-3,
+            sft_warmup=0, sft_target_loss=0.0,
             prompts_per_step=4,
             group_size=4, updates_per_step=2, micro_batch_size=8, max_new_tokens=5, eval_problems=12,
             eval_every=2, save_every=2, lr=3e-3, warmup=1, progress=False)
@@ -246,6 +247,8 @@ def test_config_errors():
         TrainConfig(sft_final_lr_frac=-0.1)
     with pytest.raises(ValueError, match="sft_warmup"):
         TrainConfig(sft_warmup=-1)
+    with pytest.raises(ValueError, match="sft_target_loss"):
+        TrainConfig(sft_target_loss=-0.1)
 
 
 def test_learning_rate_decays_linearly_over_a_fixed_horizon():
@@ -270,9 +273,9 @@ def test_sft_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
 
 def test_sft_stops_at_the_target_loss(tmp_path):
     # A target every loss meets stops after the first 10 steps (the window the loss is averaged over);
-    # one no loss meets, and no target, run every step.
+    # one no loss meets, and no target (0), run every step.
     records = {}
-    for name, target in (("met", 1e9), ("unmet", 0.0), ("none", None)):
+    for name, target in (("met", 1e9), ("unmet", 1e-9), ("none", 0.0)):
         train(tiny(tmp_path / name, steps=0, sft_target_loss=target), log=lambda s: None)
         records[name] = read_metrics(tmp_path / name)[0]
     assert records["met"]["sft_steps_run"] == 10

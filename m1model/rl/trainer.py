@@ -135,12 +135,12 @@ class TrainConfig:
     expert_size: int = _f(128, "FFN width of one expert")
     block_size: int = _f(16, "lightning attention block")
     # --- SFT warm start on task demonstrations
-    sft_steps: int = _f(400, "supervised steps before RL (0: none)")
+    sft_steps: int = _f(1000, "most supervised steps before RL (0: none)")
     sft_batch_size: int = _f(128, "demonstrations per supervised step")
     sft_lr: float = _f(1e-3, "AdamW peak learning rate of the warm start")
-    sft_target_loss: float | None = _f(None, "stop the warm start early once the mean loss of its last 10 steps "
-                                             "is at most this (None: always run sft_steps)")
-    sft_warmup: int = _f(0, "warm-start steps of linear learning-rate warmup")
+    sft_target_loss: float = _f(0.3, "stop the warm start early once the mean loss of its last 10 steps is at "
+                                      "most this (0: always run sft_steps)")
+    sft_warmup: int = _f(40, "warm-start steps of linear learning-rate warmup")
     sft_final_lr_frac: float = _f(1.0, "warm-start learning rate at the last step, as a fraction of sft_lr "
                                        "(cosine decay after the warmup; 1: constant)")
     # --- RL
@@ -184,7 +184,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.algo must be one of {ALGOS}, got {self.algo!r}")
         if self.old_logp not in OLD_LOGP:
             raise ValueError(f"TrainConfig.old_logp must be one of {OLD_LOGP}, got {self.old_logp!r}")
-        for name in ("steps", "sft_steps", "sft_warmup", "eval_problems", "decay_steps"):
+        for name in ("steps", "sft_steps", "sft_warmup", "sft_target_loss", "eval_problems", "decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("prompts_per_step", "group_size", "updates_per_step", "micro_batch_size", "sft_batch_size",
@@ -382,7 +382,7 @@ def sft_warm_start(model, train_model, tokenizer, task: Task, cfg: TrainConfig, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(dp.sum([loss_sum])[0])
-        if cfg.sft_target_loss is not None and len(losses) >= 10 and sum(losses[-10:]) / 10 <= cfg.sft_target_loss:
+        if cfg.sft_target_loss > 0 and len(losses) >= 10 and sum(losses[-10:]) / 10 <= cfg.sft_target_loss:
             break
     return {"sft_loss": sum(losses[-10:]) / len(losses[-10:]), "sft_steps_run": len(losses)}
 
