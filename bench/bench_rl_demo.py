@@ -49,6 +49,8 @@ def run_seed(seed: int, algo: str, extra: list[str], out: Path) -> dict:
         "gain_points": 100 * (evals[-1][1] - evals[0][1]),
         "steps": records[-1]["step"],
         "sft_s": records[0].get("sft_s"),
+        "sft_steps_run": records[0].get("sft_steps_run"),
+        "sft_loss": records[0].get("sft_loss"),
         "load_avg_1min": (load0 + os.getloadavg()[0]) / 2,
         "eval_curve": evals,
         "summary": [line for line in proc.stdout.splitlines() if "held-out accuracy" in line],
@@ -74,7 +76,8 @@ def main() -> None:
             return r
 
         rows = list(pool.map(one, seeds))
-    print_table(rows, [("seed", "seed", "d"), ("wall_s", "wall s", ".0f"), ("sft_accuracy", "SFT acc", ".3f"),
+    print_table(rows, [("seed", "seed", "d"), ("wall_s", "wall s", ".0f"), ("sft_s", "SFT s", ".0f"),
+                       ("sft_steps_run", "SFT steps", "d"), ("sft_accuracy", "SFT acc", ".3f"),
                        ("final_accuracy", "final acc", ".3f"), ("gain_points", "gain (points)", "+.1f"),
                        ("load_avg_1min", "load avg", ".1f")])
     write_json(args.name, {"algo": args.algo, "extra_args": extra, "jobs": args.jobs, "cpus": os.cpu_count(),

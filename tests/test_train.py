@@ -32,6 +32,7 @@ REQUIRED = ("step", "reward_mean", "accuracy", "response_len_mean", "clip_frac",
 # default is 2-digit operands).
 TINY = dict(min_digits=1, hidden_size=32, layers=2, softmax_every=2, heads=2, kv_heads=1, head_dim=16, experts=3,
             experts_per_token=2, expert_size=32, block_size=4, sft_steps=30, sft_batch_size=8, sft_lr=3e-3,
+            sft_warmup=0, sft_target_loss=0.0,
             prompts_per_step=4,
             group_size=4, updates_per_step=2, micro_batch_size=8, max_new_tokens=5, eval_problems=12,
             eval_every=2, save_every=2, lr=3e-3, warmup=1, progress=False)
@@ -242,6 +243,12 @@ def test_config_errors():
         TrainConfig(final_lr_frac=1.5)
     with pytest.raises(ValueError, match="decay_steps"):
         TrainConfig(decay_steps=-1)
+    with pytest.raises(ValueError, match="sft_final_lr_frac"):
+        TrainConfig(sft_final_lr_frac=-0.1)
+    with pytest.raises(ValueError, match="sft_warmup"):
+        TrainConfig(sft_warmup=-1)
+    with pytest.raises(ValueError, match="sft_target_loss"):
+        TrainConfig(sft_target_loss=-0.1)
 
 
 def test_learning_rate_decays_linearly_over_a_fixed_horizon():
@@ -251,3 +258,26 @@ def test_learning_rate_decays_linearly_over_a_fixed_horizon():
     # Past the horizon the rate stays at the floor: a run resumed with a larger --steps keeps its schedule.
     assert math.isclose(trainer_mod.rl_lr(cfg, 11), 1e-4) and math.isclose(trainer_mod.rl_lr(cfg, 500), 1e-4)
     assert trainer_mod.rl_lr(dataclasses.replace(cfg, decay_steps=0), 500) == 1e-3
+
+
+def test_sft_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    cfg = TrainConfig(sft_steps=14, sft_lr=1e-3, sft_warmup=4, sft_final_lr_frac=0.1)
+    lrs = [trainer_mod.sft_lr_at(cfg, i) for i in range(cfg.sft_steps)]
+    assert lrs[:4] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+    # The peak ends the warmup (step 3); the cosine then reaches its midpoint at step 8 and the floor last.
+    assert lrs[3] == pytest.approx(1e-3) and lrs[8] == pytest.approx(0.55e-3) and lrs[13] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    constant = dataclasses.replace(cfg, sft_warmup=0, sft_final_lr_frac=1.0)
+    assert [trainer_mod.sft_lr_at(constant, i) for i in range(14)] == [1e-3] * 14
+
+
+def test_sft_stops_at_the_target_loss(tmp_path):
+    # A target every loss meets stops after the first 10 steps (the window the loss is averaged over);
+    # one no loss meets, and no target (0), run every step.
+    records = {}
+    for name, target in (("met", 1e9), ("unmet", 1e-9), ("none", 0.0)):
+        train(tiny(tmp_path / name, steps=0, sft_target_loss=target), log=lambda s: None)
+        records[name] = read_metrics(tmp_path / name)[0]
+    assert records["met"]["sft_steps_run"] == 10
+    assert records["unmet"]["sft_steps_run"] == records["none"]["sft_steps_run"] == TINY["sft_steps"]
+    assert records["unmet"]["sft_loss"] == records["none"]["sft_loss"]

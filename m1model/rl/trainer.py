@@ -135,9 +135,14 @@ class TrainConfig:
     expert_size: int = _f(128, "FFN width of one expert")
     block_size: int = _f(16, "lightning attention block")
     # --- SFT warm start on task demonstrations
-    sft_steps: int = _f(400, "supervised steps before RL (0: none)")
+    sft_steps: int = _f(1000, "most supervised steps before RL (0: none)")
     sft_batch_size: int = _f(128, "demonstrations per supervised step")
-    sft_lr: float = _f(1e-3, "AdamW learning rate of the warm start")
+    sft_lr: float = _f(1e-3, "AdamW peak learning rate of the warm start")
+    sft_target_loss: float = _f(0.3, "stop the warm start early once the mean loss of its last 10 steps is at "
+                                      "most this (0: always run sft_steps)")
+    sft_warmup: int = _f(40, "warm-start steps of linear learning-rate warmup")
+    sft_final_lr_frac: float = _f(1.0, "warm-start learning rate at the last step, as a fraction of sft_lr "
+                                       "(cosine decay after the warmup; 1: constant)")
     # --- RL
     prompts_per_step: int = _f(128, "P: prompts per rollout batch")
     group_size: int = _f(8, "G: responses sampled per prompt")
@@ -179,7 +184,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.algo must be one of {ALGOS}, got {self.algo!r}")
         if self.old_logp not in OLD_LOGP:
             raise ValueError(f"TrainConfig.old_logp must be one of {OLD_LOGP}, got {self.old_logp!r}")
-        for name in ("steps", "sft_steps", "eval_problems", "decay_steps"):
+        for name in ("steps", "sft_steps", "sft_warmup", "sft_target_loss", "eval_problems", "decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("prompts_per_step", "group_size", "updates_per_step", "micro_batch_size", "sft_batch_size",
@@ -187,8 +192,9 @@ class TrainConfig:
                      "softmax_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.final_lr_frac <= 1.0:
-            raise ValueError(f"TrainConfig.final_lr_frac must be in [0, 1], got {self.final_lr_frac}")
+        for name in ("final_lr_frac", "sft_final_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError("TrainConfig.group_size must be >= 2: group advantages need two responses to compare")
 
@@ -249,6 +255,18 @@ def rl_lr(cfg: TrainConfig, step: int) -> float:
         return cfg.lr
     progress = min(1.0, (step - 1) / max(cfg.decay_steps - 1, 1))
     return cfg.lr * (1.0 - (1.0 - cfg.final_lr_frac) * progress)
+
+
+def sft_lr_at(cfg: TrainConfig, i: int) -> float:
+    """The warm start's learning rate at its step `i` (0-based): linear warmup over `sft_warmup` steps
+    to `sft_lr` (reached at step sft_warmup - 1), then a cosine decay to `sft_final_lr_frac * sft_lr` at
+    the last step. A fresh Adam's first steps move every weight by about the full lr whatever its gradient:
+    without the warmup the start is a gamble on the seed; the decay lets the last steps settle."""
+    if i < cfg.sft_warmup:
+        return cfg.sft_lr * (i + 1) / cfg.sft_warmup
+    progress = (i + 1 - cfg.sft_warmup) / (cfg.sft_steps - cfg.sft_warmup)
+    frac = cfg.sft_final_lr_frac + (1.0 - cfg.sft_final_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.sft_lr * frac
 
 
 def _set_warmup_lr(opt: torch.optim.Optimizer, lr: float, warmup: int) -> None:
@@ -333,10 +351,15 @@ def _stats(cfg: TrainConfig, logp, old_logp, adv, mask) -> LossStats:
 
 
 def sft_warm_start(model, train_model, tokenizer, task: Task, cfg: TrainConfig, dp: parallel.DataParallel) -> dict:
-    """`sft_steps` AdamW steps on demonstrations from the train split: the mean NLL of the completion
-    tokens (answer + END) over each batch, so a tiny model starts RL with a non-zero reward."""
+    """Up to `sft_steps` AdamW steps on demonstrations from the train split: the mean NLL of the completion
+    tokens (answer + END) over each batch, so a tiny model starts RL with a non-zero reward.
+
+    With `sft_target_loss` the warm start stops once the loss (mean of the last 10 steps, on batches never
+    seen before, so it tracks held-out skill) reaches the target: when a tiny model learns to carry varies
+    a lot with the seed (one seed at 400 steps, another past 500), and a fixed step count would start RL
+    from very different places; a target loss starts every seed at about the same competence."""
     if cfg.sft_steps == 0:
-        return {"sft_loss": None}
+        return {"sft_loss": None, "sft_steps_run": 0}
     demos = task.demonstrations(cfg.sft_steps * cfg.sft_batch_size, seed=cfg.seed)
     encoded = [(tokenizer.encode(p, bos=True), tokenizer.encode(c)) for p, c in demos]
     opt = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
@@ -354,10 +377,14 @@ def sft_warm_start(model, train_model, tokenizer, task: Task, cfg: TrainConfig, 
             (loss * dp.world).backward()   # DDP averages gradients over ranks: undo it
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = sft_lr_at(cfg, i)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(dp.sum([loss_sum])[0])
-    return {"sft_loss": sum(losses[-10:]) / len(losses[-10:])}
+        if cfg.sft_target_loss > 0 and len(losses) >= 10 and sum(losses[-10:]) / 10 <= cfg.sft_target_loss:
+            break
+    return {"sft_loss": sum(losses[-10:]) / len(losses[-10:]), "sft_steps_run": len(losses)}
 
 
 @torch.no_grad()
