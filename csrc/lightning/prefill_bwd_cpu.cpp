@@ -136,11 +136,7 @@ void bwd_typed(const PrefillParams& p) {
       pass.state_in = static_cast<const S*>(p.initial_state) + state_offset(task.seq, task.head, H, K, V) + task.c0 * V;
       pass.in_rs = 1, pass.in_cs = V;
     }
-    pass.seq = sequence_span(p.cu_seqlens, task.seq, p.seqlen);
-    pass.head = task.head;
-    pass.block = p.block_size;
-    pass.slope = p.slope[task.head];
-    pass.scale = p.scale;
+    pass.set_sequence_head(p, task.seq, task.head);
     pass.run(scratch);
   });
 }

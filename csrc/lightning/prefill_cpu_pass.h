@@ -191,6 +191,16 @@ struct CausalPass {
   float slope = 0.f;
   double scale = 1.0;
 
+  // The fields every pass takes from the op's params: sequence `n`'s span, head `h`'s decay,
+  // the block size and the scale.
+  void set_sequence_head(const PrefillParams& p, int64_t n, int64_t h) {
+    seq = sequence_span(p.cu_seqlens, n, p.seqlen);
+    head = h;
+    block = p.block_size;
+    slope = p.slope[h];
+    scale = p.scale;
+  }
+
   void run(Scratch<Acc>& scratch) const {
     const int64_t bs = effective_block(block, seq.len), D = dim, C = cols;
     // Scratch: x, y, yd [bs, D]; z, o [bs, C]; a [bs, bs]; s [D, C].

@@ -54,11 +54,7 @@ void fwd_typed(const PrefillParams& p) {
     }
     pass.state_out = static_cast<S*>(p.final_state) + state_off;
     pass.out_rs = V;
-    pass.seq = sequence_span(p.cu_seqlens, task.seq, p.seqlen);
-    pass.head = task.head;
-    pass.block = p.block_size;
-    pass.slope = p.slope[task.head];
-    pass.scale = p.scale;
+    pass.set_sequence_head(p, task.seq, task.head);
     pass.run(scratch);
   });
 }
