@@ -5,6 +5,7 @@ Shapes: B responses, T padded response length, G group size.
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 
@@ -344,6 +345,11 @@ def _ddp_worker(rank, world, init_file, result_file):
                       and stats.ratio_max == full_stats.ratio_max)
         with open(result_file, "w") as f:
             f.write(f"{err} {scale} {int(same_stats)} {count}")
+    # Tear down in order: the DDP reducer holds the process group, so a rank that
+    # exits with it alive destroys gloo's threads at interpreter exit (SIGABRT).
+    del ddp
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
