@@ -160,13 +160,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None = None)
         # as stored with fp32 products and sums (a linear with fp32 accumulation, rounded once to x's
         # dtype): 31 GB/s against oneDNN's 22 GB/s on a [3072, 1024] fp32 weight out of cache.
         y = m1ops.fp32_logits(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1).to(x.dtype)
-        return F.silu(y) if activation == "silu" else torch.sigmoid(y) if activation == "sigmoid" else y
+        return _activate(y, activation)
     if not _state["reference"] and _onednn_linear_ok(x, weight):
         attr = "sigmoid" if activation == "sigmoid" else "none"
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             y = _OneDNNLinear.apply(x, weight, attr)
         else:
             y = _onednn(x, weight, attr)
-        return F.silu(y) if activation == "silu" else y
-    y = F.linear(x, weight)
-    return F.silu(y) if activation == "silu" else torch.sigmoid(y) if activation == "sigmoid" else y
+        return _activate(y, "none" if attr == "sigmoid" else activation)
+    return _activate(F.linear(x, weight), activation)
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """activation(y) for a y that linear() just made. Without autograd in place: the same values
+    without a second [rows, out] buffer (silu after the qkv projection, [4096, 3072] fp32: 85 ->
+    73 ms; the new buffer's page faults were the difference)."""
+    in_place = not (torch.is_grad_enabled() and y.requires_grad)
+    if activation == "silu":
+        return F.silu(y, inplace=in_place)
+    if activation == "sigmoid":
+        return y.sigmoid_() if in_place else torch.sigmoid(y)
+    return y
