@@ -33,6 +33,7 @@ import torch
 from common import mm_gflops, print_table, write_json
 
 from m1model import M1Config, M1ForCausalLM, ops
+from m1model.model import lightning_block_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -112,13 +113,14 @@ def ratios(timings: dict) -> list[float]:
     return [t / o for o, t in zip(timings["ours"], timings["theirs"])]
 
 
-def prefill_flops(config: M1Config, B: int, T: int) -> float:
+def prefill_flops(config: M1Config, B: int, T: int, bs: int) -> float:
     """Matmul FLOPs of a prefill: 2 x active parameters per token (LM head once per sequence) plus
-    attention: causal softmax QK^T and PV, and the lightning blockwise terms (intra-block
-    QK^T and PV on half-filled blocks, inter-block Q S and the state update K^T V)."""
+    attention: causal softmax QK^T and PV, and the lightning blockwise terms at the block bs the
+    model runs (intra-block QK^T and PV on half-filled blocks, inter-block Q S and the state
+    update K^T V)."""
     n = config.param_counts()
     per_token = n["active"] - n["embedding"] - n["lm_head"]
-    H, Dh, bs = config.num_attention_heads, config.head_dim, config.block_size
+    H, Dh = config.num_attention_heads, config.head_dim
     softmax = len(config.softmax_layers) * 2 * H * Dh * T * T  # 2 products x T^2 / 2 pairs x 2 FLOPs
     lightning = len(config.linear_layers) * H * (2 * Dh * T * min(bs, T) + 4 * T * Dh * Dh)
     return B * (2 * per_token * T + softmax + lightning + 2 * n["lm_head"])
@@ -171,7 +173,7 @@ def main() -> None:
     print(f"prefill last-position logits, relative difference m1model vs transformers: {agree:.2e}")
 
     B, T = args.batch, args.tokens
-    flops = prefill_flops(config, B, T)
+    flops = prefill_flops(config, B, T, lightning_block_size(config.block_size, ours_model.device))
     med = {k: {who: statistics.median(v) for who, v in d.items()} for k, d in (("prefill", prefill), ("decode", decode))}
     rows = []
     for phase, d, n in (("prefill", prefill, B * T), (f"decode @{T}", decode, B)):

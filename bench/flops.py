@@ -146,7 +146,7 @@ def m1_counts(cfg: M1Config, name: str = "MiniMax-M1") -> Counts:
     )
 
 
-def m1_prefill_flops(cfg: M1Config, seq_lens: list[int]) -> dict[str, float]:
+def m1_prefill_flops(cfg: M1Config, seq_lens: list[int], block_size: int | None = None) -> dict[str, float]:
     """FLOPs of one m1model forward without a cache (a prefill, or the forward of a
     training step) over sequences of the given lengths, by component, counted the way
     torch.utils.flop_counter counts them: what differs from len(seq_lens) x the
@@ -156,14 +156,15 @@ def m1_prefill_flops(cfg: M1Config, seq_lens: list[int]) -> dict[str, float]:
       - softmax layers: a sequence of L tokens costs 2 H (d_qk + d_v) L^2, the full
         score matrix, as torch's SDPA formula counts it (the causal half of it,
         L (L + 1) / 2 pairs, is the work the decode model sums).
-    The head counts every position (m1model's forward returns all logits)."""
+    The head counts every position (m1model's forward returns all logits). block_size: the
+    lightning block the forward runs (m1model.model.lightning_block_size; default the config's)."""
     m1 = m1_counts(cfg)
     tokens = sum(seq_lens)
     n_lin, n_soft = len(cfg.linear_layers), len(cfg.softmax_layers)
     H, Dh = cfg.num_attention_heads, cfg.head_dim
     return {
         "attention projections": m1.attn_proj_flops * tokens,
-        "lightning core": n_lin * lightning_prefill_flops(seq_lens, H, Dh, Dh, cfg.block_size),
+        "lightning core": n_lin * lightning_prefill_flops(seq_lens, H, Dh, Dh, block_size or cfg.block_size),
         "softmax core": m1.attn_ctx_coeff * sum(n * n for n in seq_lens),
         "moe_mlp": m1.mlp_flops * tokens,
         "head": m1.head_flops * tokens,

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from m1ops.lightning import DEFAULT_BLOCK_SIZE
+
 from m1model import ops
 from m1model.cache import HybridCache
 from m1model.config import FULL, M1Config
@@ -41,6 +43,19 @@ class _Batch:
     same_length: list[torch.Tensor] | None  # packed layout: [m, L] token positions of the m sequences of length L
     cache: HybridCache | None
     positions: torch.Tensor  # [B, T] int64
+
+
+def lightning_block_size(config_block: int, device: torch.device) -> int:
+    """Tokens per block of the lightning prefill as the model runs it.
+
+    The block is a speed knob (DESIGN 3.1: every block gives the same function). The kernels run
+    their own (m1ops.lightning.DEFAULT_BLOCK_SIZE, 64: half the intra-block FLOPs of the
+    checkpoints' 256, 32 -> 18 ms per layer at T=4096, H=8, K=V=128 on the CPU); the pure-PyTorch
+    reference keeps the config's block. FLOP counts of a forward (bench/flops.py) use this too.
+    """
+    if ops.reference_enabled():
+        return config_block
+    return DEFAULT_BLOCK_SIZE.get(device.type, config_block)
 
 
 class RMSNorm(nn.Module):
@@ -114,12 +129,9 @@ class LightningAttention(nn.Module):
             o = ops.lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], slope, state)[:, None]
         else:
             initial = None if cache is None or batch.cu_seqlens is not None else cache.states[self.layer_idx]
-            # The block is a speed knob (DESIGN 3.1: any block gives the same function). The kernels
-            # run their own (64 tokens on the CPU: half the intra-block FLOPs of the checkpoints' 256,
-            # 32 ms -> 18 ms per layer at T=4096, H=8, K=V=128); the reference keeps the config's block.
             o, final = ops.lightning_attn(
                 q, k, v, slope, scale=1.0, initial_state=initial, output_final_state=cache is not None,
-                cu_seqlens=batch.cu_seqlens, block_size=self.block_size if ops.reference_enabled() else None,
+                cu_seqlens=batch.cu_seqlens, block_size=lightning_block_size(self.block_size, x.device),
             )
             if cache is not None:
                 cache.states[self.layer_idx].copy_(final)

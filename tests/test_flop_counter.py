@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import m1ops
 from m1model import M1Config, M1ForCausalLM
 from m1model.config import FULL, LINEAR
+from m1model.model import lightning_block_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,15 +141,19 @@ def test_model_forward_matches_the_analytic_count(flops_model, layout):
     cfg = reduced_m1()
     torch.manual_seed(0)
     model = M1ForCausalLM(cfg).eval()
-    if layout == "dense":  # B = 2 sequences of 45 tokens: blocks 16, 16, 13 in the lightning layers
-        ids, kwargs, lens = torch.randint(0, cfg.vocab_size, (2, 45)), {}, [45, 45]
-    else:  # one packed row of lengths 5, 40, 17
-        lens = [5, 40, 17]
-        ids, kwargs = torch.randint(0, cfg.vocab_size, (1, sum(lens))), {"cu_seqlens": torch.tensor([0, 5, 45, 62])}
+    # The kernels run their own block (64 on the CPU), not the config's 16: blocks 64, 64, 22 for a
+    # sequence of 150 tokens; packed lengths 5, 140, 67: blocks (5), (64, 64, 12), (64, 3).
+    block = lightning_block_size(cfg.block_size, model.device)
+    assert block == m1ops.lightning.DEFAULT_BLOCK_SIZE["cpu"] != cfg.block_size
+    if layout == "dense":
+        ids, kwargs, lens = torch.randint(0, cfg.vocab_size, (2, 150)), {}, [150, 150]
+    else:
+        lens = [5, 140, 67]
+        ids, kwargs = torch.randint(0, cfg.vocab_size, (1, sum(lens))), {"cu_seqlens": torch.tensor([0, 5, 145, 212])}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(ids, **kwargs)
     measured = counter.get_total_flops()
-    parts = flops_model.m1_prefill_flops(cfg, lens)
+    parts = flops_model.m1_prefill_flops(cfg, lens, block_size=block)
     expected = sum(parts.values())
     assert measured == pytest.approx(expected, rel=0.01)
     # Every component is seen by the counter: the lightning core and the head are
