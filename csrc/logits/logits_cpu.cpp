@@ -1,8 +1,8 @@
 // FP32 logits head on the CPU (see logits.h for the math).
 //
 // Everything is built from one cell: a tile of Nt tokens x Vb vocabulary
-// columns, X = hidden_tile @ weight_block^T / T computed by m1::cpu::sgemm
-// (IEEE fp32 products and sums; bf16/fp16 operands are widened to fp32 first),
+// columns, X = hidden_tile @ weight_block^T / T computed by an fp32 GEMM (IEEE
+// fp32 products and sums; bf16/fp16 operands are widened to fp32 first),
 // then processed while it is in cache. Extra memory is O(workers x tile), plus
 // one fp32 [N, D] buffer for a non-fp32 hidden (its widened copy in the
 // forward, the grad_hidden accumulator in the backward); never O(N x V).
@@ -35,6 +35,7 @@
 #include "logits/logits.h"
 #include "logits/logits_common.h"
 #include "logits/logits_cpu_math.h"
+#include "moe/moe_gemm_avx512_cpu.h"
 
 // See logits_cpu_math.h: 32-byte vectors only live inside inlined helpers.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -50,8 +51,19 @@ constexpr int64_t kGroupBytes = int64_t(2) << 20;  // backward: cap of a task's 
 template <typename Acc> constexpr DType kAccDType = DType::kFloat32;
 template <> constexpr DType kAccDType<double> = DType::kFloat64;
 
+// The logits tiles X = alpha * H W^T (both operands with D contiguous, C overwritten) run on the
+// fused MoE's AVX-512 NT kernel where the CPU has AVX-512: the sgemm inside torch (MKL) takes its
+// AVX2 path on AMD CPUs, at about 60% of that kernel's rate. Still IEEE fp32 products and sums
+// (FMA), in another order. The gradient GEMMs (dW = dX^T H, dH = dX W) are not NT: sgemm.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (!ta && tb && beta == 0.0f && moe::cpu_has_avx512()) {
+    moe::gemm_nt_f32(m, n, k, a, lda, b, ldb, c, ldc);
+    if (alpha != 1.0f)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) c[i * ldc + j] *= alpha;
+    return;
+  }
   cpu::sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
