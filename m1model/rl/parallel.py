@@ -12,6 +12,7 @@ single-process version, so the trainer has one code path.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,5 +85,11 @@ def init(device: torch.device | str = "cpu") -> DataParallel:
 
 
 def shutdown() -> None:
+    """Leaves the process group. First frees what may still hold it (a DistributedDataParallel
+    module left in a reference cycle goes only when gc runs), then waits for every rank: a rank
+    that tore gloo down while its peer still used it, or exited with gloo's threads alive, died
+    of SIGABRT ("terminate called without an active exception") in about 1 run of 30 in CI."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
