@@ -64,23 +64,21 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     ctx = [r["context"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax.plot(ctx, [r["hybrid_ms"] for r in rows], "o-", label="M1 hybrid (7 lightning : 1 softmax)")
-    ax.plot(ctx, [r["softmax_ms"] for r in rows], "s-", label="all-softmax")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("ms per generated token (CPU, measured)")
-    ax.set_title("Decode step time vs context")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax2.plot(ctx, [r["hybrid_gflop"] for r in rows], "o-", label="M1 hybrid")
-    ax2.plot(ctx, [r["softmax_gflop"] for r in rows], "s-", label="all-softmax")
-    ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("context length (tokens)")
-    ax2.set_ylabel("GFLOP per generated token (bench/flops.py)")
-    ax2.set_title("Analytic FLOPs per token")
-    ax2.grid(alpha=0.3)
-    ax2.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (  # (row key suffix, hybrid label, y label, title)
+        ("ms", "M1 hybrid (7 lightning : 1 softmax)", "ms per generated token (CPU, measured)",
+         "Decode step time vs context"),
+        ("gflop", "M1 hybrid", "GFLOP per generated token (bench/flops.py)", "Analytic FLOPs per token"),
+    )
+    for ax, (key, hybrid_label, ylabel, title) in zip(axes, panels):
+        ax.plot(ctx, [r[f"hybrid_{key}"] for r in rows], "o-", label=hybrid_label)
+        ax.plot(ctx, [r[f"softmax_{key}"] for r in rows], "s-", label="all-softmax")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

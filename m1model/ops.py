@@ -155,13 +155,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None = None)
     and on the reference switch it is F.linear followed by the activation (the same function up to
     fp32 summation order).
     """
-    if not _state["reference"] and _onednn_linear_ok(x, weight) and x.numel() <= _FEW_ROWS * x.shape[-1]:
+    fast = not _state["reference"] and _onednn_linear_ok(x, weight)
+    if fast and x.numel() <= _FEW_ROWS * x.shape[-1]:
         # Decoding (a few rows): a weight-bandwidth-bound GEMV. m1ops' FP32 head reads the weight once
         # as stored with fp32 products and sums (a linear with fp32 accumulation, rounded once to x's
         # dtype): 31 GB/s against oneDNN's 22 GB/s on a [3072, 1024] fp32 weight out of cache.
         y = m1ops.fp32_logits(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1).to(x.dtype)
         return _activate(y, activation)
-    if not _state["reference"] and _onednn_linear_ok(x, weight):
+    if fast:
         attr = "sigmoid" if activation == "sigmoid" else "none"
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             y = _OneDNNLinear.apply(x, weight, attr)

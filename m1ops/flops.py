@@ -22,6 +22,7 @@ functions, so the counter and the model share one definition.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -236,10 +237,7 @@ def _register_onednn_linear() -> None:
     def _onednn_linear_formula(x_shape, second_shape, *args, out_shape=None, **kwargs) -> int:
         # default: (x, W, b, attr, ...); binary: (x, other, W, b, attr, ...): attr follows b.
         weight_shape = second_shape if len(args) > 1 and isinstance(args[1], str) else args[0]
-        rows = 1
-        for size in x_shape[:-1]:
-            rows *= size
-        return 2 * rows * weight_shape[0] * x_shape[-1]
+        return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * x_shape[-1]
 
 
 _register_onednn_linear()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Devices the kernels are tested on: CPU always, CUDA when a GPU is present.
 DEVICES = [
@@ -51,3 +57,24 @@ def with_(**changes):
         return args
 
     return mutate
+
+
+def gapped(t: torch.Tensor) -> torch.Tensor:
+    """The same values with a last-dimension stride of 2 (every other element of a wider buffer)."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def transposed(t: torch.Tensor, dims: tuple[int, int] = (-1, -2)) -> torch.Tensor:
+    """The same values stored with the two dimensions `dims` swapped in memory."""
+    return t.transpose(*dims).contiguous().transpose(*dims)
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"m1_bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

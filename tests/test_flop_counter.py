@@ -6,29 +6,20 @@ Hand counts list the products each kernel runs as (m, n, k) GEMM shapes and add
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from helpers import load_bench
 
 import m1ops
 from m1model import M1Config, M1ForCausalLM
 from m1model.config import FULL, LINEAR
 from m1model.model import lightning_block_size
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def flops_model():
-    spec = importlib.util.spec_from_file_location("m1_bench_flops", ROOT / "bench" / "flops.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("flops")
 
 
 def gemms(*shapes: tuple[int, int, int]) -> int:

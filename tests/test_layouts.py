@@ -11,19 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import gapped, transposed
+
 import m1ops
-
-
-def strided(t: torch.Tensor) -> torch.Tensor:
-    """The same values with a last-dimension stride of 2 (a view into a wider buffer)."""
-    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-    wide[..., ::2] = t
-    return wide[..., ::2]
-
-
-def transposed(t: torch.Tensor) -> torch.Tensor:
-    """The same values stored column-major in the last two dimensions."""
-    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def grads(fn, leaves):
@@ -46,7 +36,7 @@ def check(fn, plain, views):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("layout", [strided, transposed], ids=["strided", "transposed"])
+@pytest.mark.parametrize("layout", [gapped, transposed], ids=["strided", "transposed"])
 def test_lightning_attn(layout):
     B, T, H, K, V = 2, 37, 3, 8, 6
     q, k = torch.randn(2, B, T, H, K)
@@ -68,11 +58,11 @@ def test_lightning_attn_decode():
     state = torch.randn(B, H, K, V)
     s1, s2 = state.clone(), state.clone()
     o1 = m1ops.lightning_attn_decode(q, k, v, slope, s1)
-    o2 = m1ops.lightning_attn_decode(transposed(q), strided(k), transposed(v), slope, s2)
+    o2 = m1ops.lightning_attn_decode(transposed(q), gapped(k), transposed(v), slope, s2)
     assert torch.equal(o1, o2) and torch.equal(s1, s2)
 
 
-@pytest.mark.parametrize("layout", [strided, transposed], ids=["strided", "transposed"])
+@pytest.mark.parametrize("layout", [gapped, transposed], ids=["strided", "transposed"])
 def test_fused_moe(layout):
     T, D, F, E, k = 19, 12, 8, 4, 2
     x = torch.randn(T, D)
@@ -90,7 +80,7 @@ def test_fused_moe(layout):
     )
 
 
-@pytest.mark.parametrize("layout", [strided, transposed], ids=["strided", "transposed"])
+@pytest.mark.parametrize("layout", [gapped, transposed], ids=["strided", "transposed"])
 def test_fp32_head(layout):
     N, D, V = 9, 16, 40
     hidden = torch.randn(N, D)
@@ -106,14 +96,14 @@ def test_fp32_head(layout):
 
 def test_raw_ops_reject_rows_that_are_not_unit_stride():
     """Below the wrappers the kernels read raw pointers: a clear error, never a wrong read."""
-    q = strided(torch.randn(1, 20, 2, 8))
+    q = gapped(torch.randn(1, 20, 2, 8))
     k, v = torch.randn(2, 1, 20, 2, 8)
     slope = torch.tensor([0.1, 0.2])
     with pytest.raises(ValueError, match="'q' must be contiguous in its last dimension"):
         torch.ops.m1._lightning_attn_fwd(q, k, v, slope)
     with pytest.raises(ValueError, match="'q' must be contiguous in its last dimension"):
         torch.ops.m1.lightning_attn_decode(q[:, 0], k[:, 0], v[:, 0], slope, torch.zeros(1, 2, 8, 8))
-    x = strided(torch.randn(8, 16))
+    x = gapped(torch.randn(8, 16))
     w_gate_up, w_down = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
     topk_weights, topk_ids = torch.ones(8, 1), torch.zeros(8, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="'x' must be contiguous in its last dimension"):
@@ -121,6 +111,6 @@ def test_raw_ops_reject_rows_that_are_not_unit_stride():
     with pytest.raises(ValueError, match="'w_gate_up' must be contiguous"):
         torch.ops.m1.fused_moe(x.contiguous(), transposed(w_gate_up), w_down, topk_weights, topk_ids)
     with pytest.raises(ValueError, match="'topk_weights' must be contiguous"):
-        torch.ops.m1.fused_moe(x.contiguous(), w_gate_up, w_down, strided(torch.ones(8, 2))[:, :1], topk_ids)
+        torch.ops.m1.fused_moe(x.contiguous(), w_gate_up, w_down, gapped(torch.ones(8, 2))[:, :1], topk_ids)
     with pytest.raises(ValueError, match="'hidden' must be contiguous in its last dimension"):
         torch.ops.m1.fp32_logprobs(x, torch.randn(5, 16), torch.zeros(8, dtype=torch.long))

@@ -18,7 +18,7 @@ import random
 
 import pytest
 import torch
-from helpers import REL_TOL, rel_err
+from helpers import REL_TOL, gapped, rel_err, transposed
 
 import m1ops
 from m1ops.reference.lightning import lightning_attn_decode_ref, lightning_attn_ref
@@ -35,11 +35,7 @@ def strided(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
     kind = rng.choice(["dense", "transposed", "gapped"])
     if t.dim() < 2 or t.numel() == 0 or kind == "dense":
         return t
-    if kind == "transposed":
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-    wide[..., ::2] = t
-    return wide[..., ::2]
+    return transposed(t, (0, 1)) if kind == "transposed" else gapped(t)
 
 
 def check(what: str, out: torch.Tensor, ref64: torch.Tensor, same_dtype: torch.Tensor | None, dtype) -> None:

@@ -44,6 +44,7 @@
 
 #include "common/dispatch.h"
 #include "common/dtype.h"
+#include "common/sm80_mma.cuh"
 #include "lightning/lightning_common.h"
 #include "lightning/prefill.h"
 
@@ -86,20 +87,9 @@ constexpr int kC = 64;   // column tile
 constexpr int kThreads = 128;
 static_assert(kBt == kCudaBlock, "the CUDA block size is the kernel's MMA tile along T");
 
-// The tensor-core atom and operand type of each input dtype.
-template <typename T> struct Mma;
-template <> struct Mma<bf16> {
-  using Elem = cute::bfloat16_t;
-  using Atom = cute::SM80_16x8x16_F32BF16BF16F32_TN;
-};
-template <> struct Mma<fp16> {
-  using Elem = cute::half_t;
-  using Atom = cute::SM80_16x8x16_F32F16F16F32_TN;
-};
-template <> struct Mma<float> {  // TF32: 10-bit mantissa, rounded to nearest on conversion
-  using Elem = cute::tfloat32_t;
-  using Atom = cute::SM80_16x8x8_F32TF32TF32F32_TN;
-};
+// The tensor-core atom and operand type of each input dtype (fp32 inputs: TF32).
+template <typename T>
+using Mma = Sm80Mma<T>;
 
 // 4 warps stacked along M: a 64 x 8 x k tile, repeated over N (and over M for 128-row products).
 template <typename T>

@@ -42,6 +42,7 @@
 
 #include "common/dispatch.h"
 #include "common/dtype.h"
+#include "common/sm80_mma.cuh"
 #include "moe/moe_gate_up.h"
 #include "moe/moe_tiles.h"
 
@@ -86,15 +87,8 @@ constexpr int kStages = 2;
 static_assert(kBM == kBN, "A and B tiles share the load assignment");
 static_assert(kBM * kVecsPerRow % kMmaThreads == 0, "whole vectors per thread");
 
-template <typename T> struct Mma;
-template <> struct Mma<bf16> {
-  using Elem = cute::bfloat16_t;
-  using Atom = cute::SM80_16x8x16_F32BF16BF16F32_TN;
-};
-template <> struct Mma<fp16> {
-  using Elem = cute::half_t;
-  using Atom = cute::SM80_16x8x16_F32F16F16F32_TN;
-};
+template <typename T>
+using Mma = Sm80Mma<T>;  // bf16 / fp16 only here: fp32 runs the SIMT kernel (exact FFMA)
 
 // 2 x 2 warps: a 32 x 16 x 16 tile, repeated to cover 64 x 64.
 template <typename T>

@@ -382,9 +382,10 @@ def sft_warm_start(model, train_model, tokenizer, task: Task, cfg: TrainConfig, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(dp.sum([loss_sum])[0])
-        if cfg.sft_target_loss > 0 and len(losses) >= 10 and sum(losses[-10:]) / 10 <= cfg.sft_target_loss:
+        recent = sum(losses[-10:]) / len(losses[-10:])
+        if cfg.sft_target_loss > 0 and len(losses) >= 10 and recent <= cfg.sft_target_loss:
             break
-    return {"sft_loss": sum(losses[-10:]) / len(losses[-10:]), "sft_steps_run": len(losses)}
+    return {"sft_loss": recent, "sft_steps_run": len(losses)}
 
 
 @torch.no_grad()
