@@ -14,6 +14,7 @@ Signatures are exactly m1ops' (DESIGN 3).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -115,7 +116,16 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-_FEW_ROWS = 8  # rows up to which the FP32 head's GEMV path runs (csrc/logits: kFewRowsHead)
+@functools.cache
+def _head_rows(dtype: torch.dtype) -> int:
+    """Rows up to which linear() runs on m1ops.fp32_logits rather than oneDNN.
+
+    Its few-rows kernel (<= 8 rows, csrc/logits kFewRowsHead) wins in both dtypes; above that, in
+    fp32 on AVX-512 CPUs, its AVX-512 tiles still beat oneDNN up to 32 rows ([3072, 1024] weight
+    out of cache, 2 threads: 390 vs 575 us at 8 rows, 524 vs 704 at 16, 802 vs 868 at 32), while in
+    bf16 oneDNN's AVX512-BF16 GEMM is faster from 12 rows (482 vs 295 us).
+    """
+    return 32 if dtype == torch.float32 and m1ops.build_info().get("cpu_avx512", False) else 8
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, attr: str) -> torch.Tensor:
@@ -147,16 +157,17 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None = None) -> torch.Tensor:
     """act(x @ weight^T): x [..., K]; weight [O, K] -> [..., O] in x's dtype; activation None | "silu" | "sigmoid".
 
-    The model's projections. On the CPU, up to 8 rows (decoding) run on m1ops.fp32_logits' GEMV
-    path and more rows on oneDNN (the sigmoid fused into it): the MKL sgemm behind F.linear takes
-    its AVX2 path on AMD CPUs and reaches about half of oneDNN's AVX-512 rate (63 against 129
-    GFLOP/s on one core for [4096, 1024] x [1024, 3072]; bench/profile_model.py shows the share).
+    The model's projections. On the CPU, up to 8 rows (decoding; 32 in fp32 on AVX-512 CPUs, see
+    _head_rows) run on m1ops.fp32_logits and more rows on oneDNN (the sigmoid fused into it): the
+    MKL sgemm behind F.linear takes its AVX2 path on AMD CPUs and reaches about half of oneDNN's
+    AVX-512 rate (63 against 129 GFLOP/s on one core for [4096, 1024] x [1024, 3072];
+    bench/profile_model.py shows the share).
     With and without gradients it computes the same values. Under torch.compile, on other devices
     and on the reference switch it is F.linear followed by the activation (the same function up to
     fp32 summation order).
     """
     fast = not _state["reference"] and _onednn_linear_ok(x, weight)
-    if fast and x.numel() <= _FEW_ROWS * x.shape[-1]:
+    if fast and x.numel() <= _head_rows(x.dtype) * x.shape[-1]:
         # Decoding (a few rows): a weight-bandwidth-bound GEMV. m1ops' FP32 head reads the weight once
         # as stored with fp32 products and sums (a linear with fp32 accumulation, rounded once to x's
         # dtype): 31 GB/s against oneDNN's 22 GB/s on a [3072, 1024] fp32 weight out of cache.

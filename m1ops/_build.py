@@ -48,7 +48,8 @@ def build_info() -> dict:
     torch: the torch it was built against; cuda / cuda_archs: whether CUDA
     kernels were compiled and for which archs; cutlass: version and source of
     the headers; ops: for every torch.ops.m1 op, the devices with a kernel;
-    cpu_gemm: the GEMM the CPU kernels call on tiles.
+    cpu_gemm: the GEMM the CPU kernels call on tiles; cpu_avx512 / cpu_avx512_bf16: whether
+    this CPU runs the AVX-512 (AVX512-BF16) kernels.
     """
     info = _read_build_file()
     info["torch_runtime"] = torch.__version__

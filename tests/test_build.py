@@ -28,6 +28,8 @@ def test_build_info_describes_this_build():
     else:
         assert all(devices == ["CPU"] for devices in info["ops"].values())
     assert info["cpu_gemm"] in ("blas (sgemm_)", "portable loop")
+    assert isinstance(info["cpu_avx512"], bool) and isinstance(info["cpu_avx512_bf16"], bool)
+    assert info["cpu_avx512"] or not info["cpu_avx512_bf16"]  # the BF16 dot products come with AVX-512
 
 
 def test_every_op_has_a_wrapper_and_a_fake_impl():

@@ -3,13 +3,18 @@
 #include <string>
 
 #include "common/cpu_runtime.h"
+#include "moe/moe_gemm_avx512_cpu.h"
 
 extern "C" const char* m1_runtime_info() {
   static const std::string info = std::string("{\"cpu_gemm\": \"") + m1::cpu::gemm_backend() +
 #if defined(__x86_64__)
-                                  "\", \"cpu_multiversion\": \"x86-64-v3 + baseline\"}";
+                                  "\", \"cpu_multiversion\": \"x86-64-v3 + baseline\"" +
 #else
-                                  "\", \"cpu_multiversion\": \"none\"}";
+                                  "\", \"cpu_multiversion\": \"none\"" +
 #endif
+                                  // Whether this CPU runs the AVX-512 (and AVX512-BF16) kernels of the
+                                  // fused MoE, the FP32 head and the few-rows GEMM.
+                                  ", \"cpu_avx512\": " + (m1::moe::cpu_has_avx512() ? "true" : "false") +
+                                  ", \"cpu_avx512_bf16\": " + (m1::moe::cpu_has_bf16_dot() ? "true" : "false") + "}";
   return info.c_str();
 }
