@@ -8,17 +8,28 @@ part of every decoder layer (input_layernorm, self_attn, post_attention_layernor
 mlp; both implementations use these module names) and around the embedding and
 the final norm. Prints, per implementation and phase, the total time of each
 part summed over layers, and the operators with the most self CPU time.
+
+For m1model it then splits a decode step's wall time (no profiler) into the
+weight-reading kernels (m1ops.fp32_logits for the projections and the head,
+fused_moe, lightning_attn_decode) and everything else (Python, dispatch, norms,
+routing, RoPE, SDPA, cache bookkeeping): the step is timed as it is and with
+those three kernels replaced by stubs that return outputs of the right shape
+at once, alternating, median over the steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import tempfile
+import time
 from collections import defaultdict
 
 import torch
 from bench_model import DTYPES, Ours, Theirs, load_transformers
 
+import m1ops
 from m1model import M1Config, M1ForCausalLM
 
 PARTS = ("embed_tokens", "input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "norm")
@@ -59,6 +70,45 @@ def summarise(prof, tag: str, calls: int, rows: int) -> None:
         print(f"    {e.key:52s} {e.self_cpu_time_total / 1e3 / calls:9.2f}  x{e.count // calls}")
 
 
+@contextlib.contextmanager
+def stub_kernels():
+    """m1ops' weight-reading kernels return outputs of the right shape without computing them."""
+    zeros: dict = {}
+
+    def logits(hidden, weight):
+        key = (hidden.shape[0], weight.shape[0], hidden.device)
+        if key not in zeros:
+            zeros[key] = torch.zeros(hidden.shape[0], weight.shape[0], device=hidden.device)
+        return zeros[key]
+
+    stubs = {"fp32_logits": logits, "fused_moe": lambda x, *_: x,
+             "lightning_attn_decode": lambda q, k, v, *_, **__: v}
+    saved = {name: getattr(m1ops, name) for name in stubs}
+    for name, fn in stubs.items():
+        setattr(m1ops, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(m1ops, name, fn)
+
+
+def decode_split(impl: Ours, tok: torch.Tensor, steps: int) -> None:
+    """Median decode step with the kernels and with them stubbed out (alternating)."""
+    full, rest = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        tok = impl.step(tok).argmax(-1)
+        full.append(time.perf_counter() - t0)
+        with stub_kernels():
+            t0 = time.perf_counter()
+            impl.step(tok)
+            rest.append(time.perf_counter() - t0)
+    f, r = statistics.median(full) * 1e3, statistics.median(rest) * 1e3
+    print(f"  decode step {f:.2f} ms = kernels (fp32_logits, fused_moe, lightning_attn_decode) {f - r:.2f} ms"
+          f" + everything else {r:.2f} ms (the step with those kernels stubbed out)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -83,13 +133,14 @@ def main() -> None:
     label_parts(impls["ours"].model, "ours")
     label_parts(impls["theirs"].model, "theirs")
     ids = torch.randint(0, config.vocab_size, (1, args.tokens))
+    split_steps = max(args.steps, 16)
     for tag, impl in impls.items():
         if args.only and tag != args.only:
             continue
         impl.prefill(ids[:, :64], 4)  # warm-up
         impl.step(torch.zeros(1, dtype=torch.long))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            logits = impl.prefill(ids, args.steps + 1)
+            logits = impl.prefill(ids, args.steps + 2 + 2 * split_steps)  # room for every step below
         print(f"== {tag} prefill {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} threads")
         summarise(prof, tag, 1, args.rows)
         tok = logits.argmax(-1)
@@ -99,6 +150,8 @@ def main() -> None:
                 tok = impl.step(tok).argmax(-1)
         print(f"== {tag} decode step at {args.tokens}, {args.dtype}, {torch.get_num_threads()} threads")
         summarise(prof, tag, args.steps, args.rows)
+        if tag == "ours":
+            decode_split(impl, tok, split_steps)
 
 
 if __name__ == "__main__":
