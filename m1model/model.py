@@ -161,7 +161,10 @@ class SoftmaxAttention(nn.Module):
         The G = H / Hkv query heads that share a KV head attend as G query positions of one head
         (they see the same keys, and one token has no causal order among them), so SDPA reads each
         KV head once instead of expanding it G times: on the CPU, [B, 8, 1, 128] against 4096 keys of
-        one KV head, 0.32 -> 0.23 ms at B=1 and 4.9 -> 1.9 ms at B=8.
+        one KV head, fp32 0.32 -> 0.23 ms at B=1 and 4.9 -> 1.9 ms at B=8. In bf16 the CPU's SDPA
+        was slow one query per head (9 ms at B=1, so decoding used to attend in fp32 on converted
+        keys: 1.25 ms at B=1, 2.3 ms at B=8, most of it the conversion); folded it takes 0.18 ms and
+        1.3 ms with the keys as stored.
         """
         B, H, Dh = q.shape
         o = F.scaled_dot_product_attention(q.reshape(B, self.kv_heads, H // self.kv_heads, Dh), k, v,
@@ -199,16 +202,12 @@ class SoftmaxAttention(nn.Module):
             if fresh:
                 o = self._sdpa(q.transpose(1, 2), keys, values, is_causal=True)
             else:
-                # One new token per row and rows of equal length need no mask. Decoding attends in fp32:
-                # the CPU's bf16 SDPA takes 9 ms for one query against 4096 keys, the fp32 one 1.4 ms
-                # (bench/profile_model.py), and converting the keys costs far less.
+                # One new token per row and rows of equal length need no mask.
                 mask = None if T == 1 and bool(mask.all()) else mask
-                up = T == 1 and q.dtype != torch.float32 and q.device.type == "cpu"
-                qs, keys, values = (t.float() for t in (q, keys, values)) if up else (q, keys, values)
                 if T == 1:
-                    o = self._decode_sdpa(qs[:, 0], keys, values, mask).to(q.dtype)[:, None]
+                    o = self._decode_sdpa(q[:, 0], keys, values, mask)[:, None]
                     return ops.linear(o.reshape(B, T, -1), self.o_proj.weight)
-                o = self._sdpa(qs.transpose(1, 2), keys, values, attn_mask=mask).to(q.dtype)
+                o = self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask)
         return ops.linear(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj.weight)
 
 

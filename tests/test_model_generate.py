@@ -43,6 +43,32 @@ def test_cached_decoding_equals_full_recompute(temperature):
         assert_rel_close(lps, ref_lp, 1e-4, "log-probs")
 
 
+def test_bf16_cached_decoding_no_worse_than_full_forward():
+    """bf16 weights: one-token decode steps (ragged rows: masked, GQA-folded SDPA on the bf16 cache)
+    against the fp32 model on the same bf16-rounded weights, compared with the bf16 full forward's
+    error against the same truth: at most 2x it (both round activations to bf16 at every layer)."""
+    truth_model = random_model(TINY, seed=23)
+    with torch.no_grad():
+        for p in truth_model.parameters():
+            p.copy_(p.bfloat16().float())
+    model = random_model(TINY, seed=23)
+    model.load_state_dict(truth_model.state_dict())
+    model = model.to(torch.bfloat16)
+    prompts, steps = prompts_of([6, 35]), 12
+    cont = torch.randint(0, TINY.vocab_size, (2, steps))
+    cache = HybridCache(TINY, 2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(torch.tensor([prompts[0] + prompts[1]]), cu_seqlens=torch.tensor([0, 6, 41]), cache=cache)
+        decoded = torch.stack([model(cont[:, i : i + 1], cache=cache)[:, 0] for i in range(steps)], 1)
+        for n, p in enumerate(prompts):
+            ids = torch.tensor([p + cont[n].tolist()])
+            truth = truth_model(ids)[0, len(p) :].double()
+            full = model(ids)[0, len(p) :].double()
+            err_full = ((full - truth).norm() / truth.norm()).item()
+            err_decode = ((decoded[n].double() - truth).norm() / truth.norm()).item()
+            assert err_decode <= max(2 * err_full, 1e-3), f"sequence {n}: decode {err_decode:.2e}, full {err_full:.2e}"
+
+
 def test_cache_continues_with_a_chunk():
     """Prefill ragged prompts, then feed 7 tokens per sequence at once: equals one full forward."""
     model = random_model(TINY, seed=22)
