@@ -18,35 +18,24 @@
 #include <algorithm>
 #include <stdexcept>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define M1_MOE_BF16_DOT 1
-#include <immintrin.h>
-#define M1_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define M1_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#endif
+#include "common/avx512.h"
 
 namespace m1::moe {
 
-#if defined(M1_MOE_BF16_DOT)
+bool cpu_has_avx512() { return avx512::cpu_has(); }
+
+bool cpu_has_bf16_dot() { return avx512::cpu_has_bf16(); }
+
+#if defined(M1_AVX512_KERNELS)
 namespace {
 
 constexpr int kTile = 4;         // rows of A and of B per tile
 constexpr int64_t kPanel = 48;   // rows of A per pass over the B blocks
 
-// Sum of the 16 lanes. The all-lanes masked shuffles name their pass-through
-// operand: GCC 12's unmasked ones (and _mm512_reduce_add_ps) pass
-// _mm512_undefined_ps() and draw -Wuninitialized from its own header.
-M1_TARGET_AVX512 inline float hsum(__m512 v) {
-  constexpr __mmask16 all = 0xFFFF;
-  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, all, v, v, 0x4E));  // + the other 256-bit half
-  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, all, v, v, 0xB1));  // + the neighbouring 128-bit lane
-  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, all, v, 0x4E));        // + the other 64 bits of each lane
-  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, all, v, 0xB1));        // + the neighbouring 32 bits
-  return _mm512_cvtss_f32(v);
-}
+using avx512::hsum;
 
 template <int MR, int NR>
-M1_TARGET_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c,
+M1_TARGET_AVX512_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c,
                             int64_t ldc, const uint16_t* next_b) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 4
@@ -167,20 +156,6 @@ void run_tiles(const TileFn<E> (&tiles)[kTile][kTile], int64_t m, int64_t n, int
 
 }  // namespace
 
-bool cpu_has_avx512() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  }();
-  return has;
-}
-
-bool cpu_has_bf16_dot() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float* c,
                   int64_t ldc) {
   if (!cpu_has_bf16_dot()) throw std::logic_error("m1 fused_moe: gemm_nt_bf16 needs AVX512-BF16");
@@ -194,10 +169,7 @@ void gemm_nt_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   run_tiles(kF32Tiles, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
-#else  // not x86-64 GCC/Clang: no AVX512-BF16 path
-
-bool cpu_has_bf16_dot() { return false; }
-bool cpu_has_avx512() { return false; }
+#else  // not x86-64 GCC/Clang: no AVX-512 paths
 
 void gemm_nt_bf16(int64_t, int64_t, int64_t, const bf16*, int64_t, const bf16*, int64_t, float*, int64_t) {
   throw std::logic_error("m1 fused_moe: gemm_nt_bf16 needs AVX512-BF16");
