@@ -1,8 +1,13 @@
 // AVX-512 pieces shared by the CPU GEMM micro-kernels (moe/moe_gemm_avx512_cpu.cpp,
 // common/few_rows_avx512_cpu.cpp): the target attributes those functions are
-// compiled with, the run-time CPU check that guards every call into them, and
-// the sum of a vector's 16 lanes. The rest of the library stays portable.
+// compiled with, the run-time CPU check that guards every call into them, the
+// sum of a vector's 16 lanes and the fp32-FMA tile of an "NT" GEMM. The rest
+// of the library stays portable.
 #pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define M1_AVX512_KERNELS 1
@@ -51,6 +56,77 @@ M1_TARGET_AVX512 inline float hsum(__m512 v) {
   v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, 0x4E));        // + the other 64 bits of each lane
   v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, 0xB1));        // + the neighbouring 32 bits
   return _mm512_cvtss_f32(v);
+}
+
+// 16 consecutive values widened to fp32; the masked form reads only the first `mask` lanes.
+M1_TARGET_AVX512 inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
+M1_TARGET_AVX512 inline __m512 widen(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+M1_TARGET_AVX512 inline __m512 bf16_bits(__m256i h) {  // bf16 -> fp32: the 16 bits become the high half
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, h), 16));
+}
+M1_TARGET_AVX512 inline __m512 widen(const bf16* p) {
+  return bf16_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+M1_TARGET_AVX512 inline __m512 widen(const bf16* p, __mmask16 mask) {
+  return bf16_bits(_mm256_maskz_loadu_epi16(mask, p));
+}
+
+M1_TARGET_AVX512 inline __m512 widen(const fp16* p) {
+  return _mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+M1_TARGET_AVX512 inline __m512 widen(const fp16* p, __mmask16 mask) {
+  return _mm512_maskz_cvtph_ps(kAll, _mm256_maskz_loadu_epi16(mask, p));
+}
+
+// One tile of an "NT" GEMM: C[i, j] = sum_p A[i, p] B[j, p] for M rows of A (fp32) and R rows of B
+// (T widened in registers), p contiguous in both, fp32 FMAs on 16 p per step, masked loads for the
+// k % 16 tail, the 16 lanes of each of the M x R accumulators summed at the end. With `next` (the
+// rows of the following tile, same stride), every step prefetches the line of each of them that
+// the step after this tile will read: R rows read side by side are R streams 4-8 KB apart, which
+// the hardware prefetcher follows less well (fp32 [32000, 1024] against 8 rows of A, 2 threads:
+// 28 GB/s without, 36 with).
+template <typename T, int M, int R>
+M1_TARGET_AVX512 void tile_nt(int64_t k, const float* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
+                              float* __restrict c, int64_t ldc, const T* next) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // B values per cache line
+  __m512 acc[M][R];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 16 <= k; p += 16) {
+    if (next && p % kLine == 0) {
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + p), _MM_HINT_T0);
+    }
+    __m512 bv[R];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) bv[j] = widen(b + j * ldb + p);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      const __m512 av = _mm512_loadu_ps(a + i * lda + p);
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  if (p < k) {  // 1 .. 15 remaining: masked loads give zeros past the end
+    const __mmask16 mask = __mmask16((1u << (k - p)) - 1u);
+    __m512 bv[R];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) bv[j] = widen(b + j * ldb + p, mask);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      const __m512 av = _mm512_maskz_loadu_ps(mask, a + i * lda + p);
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) c[i * ldc + j] = hsum(acc[i][j]);
 }
 #endif
 

@@ -8,7 +8,7 @@
 // 16 lanes of each accumulator are summed at the end of the tile. The p tail
 // (k % 32) uses masked loads. Panels of 48 A rows (48 x k x 2 B, L2) pass
 // over each 4-row block of B (4 x k x 2 B, L1). The fp32 kernel is the same
-// with 16 p per step and vfmadd231ps.
+// with 16 p per step and vfmadd231ps (avx512::tile_nt, common/avx512.h).
 //
 // Compiled for the AVX-512 targets by function attributes, called only after
 // cpu_has_bf16_dot() / cpu_has_avx512() said yes; the rest of the library
@@ -35,8 +35,8 @@ constexpr int64_t kPanel = 48;   // rows of A per pass over the B blocks
 using avx512::hsum;
 
 template <int MR, int NR>
-M1_TARGET_AVX512_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c,
-                            int64_t ldc, const uint16_t* next_b) {
+M1_TARGET_AVX512_BF16 void tile_bf16(int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                                      float* c, int64_t ldc, const uint16_t* next_b) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i)
@@ -76,63 +76,25 @@ M1_TARGET_AVX512_BF16 void tile_nt(int64_t k, const uint16_t* a, int64_t lda, co
     for (int j = 0; j < NR; ++j) c[i * ldc + j] = hsum(acc[i][j]);
 }
 
-template <int MR, int NR>
-M1_TARGET_AVX512 void tile_nt_f32(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                                  int64_t ldc, const float* next_b) {
-  __m512 acc[MR][NR];
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  int64_t p = 0;
-  for (; p + 16 <= k; p += 16) {
-    if (next_b) {
-#pragma GCC unroll 4
-      for (int j = 0; j < kTile; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_b + j * ldb + p), _MM_HINT_T0);
-    }
-    __m512 av[MR], bv[NR];
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_ps(a + i * lda + p);
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_ps(b + j * ldb + p);
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
-  }
-  if (p < k) {  // 1 .. 15 remaining
-    const __mmask16 mask = __mmask16((1u << (k - p)) - 1u);
-    __m512 av[MR], bv[NR];
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) av[i] = _mm512_maskz_loadu_ps(mask, a + i * lda + p);
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) bv[j] = _mm512_maskz_loadu_ps(mask, b + j * ldb + p);
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) c[i * ldc + j] = hsum(acc[i][j]);
-}
-
 template <typename E>
 using TileFn = void (*)(int64_t, const E*, int64_t, const E*, int64_t, float*, int64_t, const E*);
 
+// The fp32 tile: common/avx512.h's (the few-rows GEMM's), fp32 on both sides.
+template <int MR, int NR>
+constexpr TileFn<float> tile_f32 = avx512::tile_nt<float, MR, NR>;
+
 // kBf16Tiles[MR - 1][NR - 1], kF32Tiles[MR - 1][NR - 1]
 constexpr TileFn<uint16_t> kBf16Tiles[kTile][kTile] = {
-    {tile_nt<1, 1>, tile_nt<1, 2>, tile_nt<1, 3>, tile_nt<1, 4>},
-    {tile_nt<2, 1>, tile_nt<2, 2>, tile_nt<2, 3>, tile_nt<2, 4>},
-    {tile_nt<3, 1>, tile_nt<3, 2>, tile_nt<3, 3>, tile_nt<3, 4>},
-    {tile_nt<4, 1>, tile_nt<4, 2>, tile_nt<4, 3>, tile_nt<4, 4>},
+    {tile_bf16<1, 1>, tile_bf16<1, 2>, tile_bf16<1, 3>, tile_bf16<1, 4>},
+    {tile_bf16<2, 1>, tile_bf16<2, 2>, tile_bf16<2, 3>, tile_bf16<2, 4>},
+    {tile_bf16<3, 1>, tile_bf16<3, 2>, tile_bf16<3, 3>, tile_bf16<3, 4>},
+    {tile_bf16<4, 1>, tile_bf16<4, 2>, tile_bf16<4, 3>, tile_bf16<4, 4>},
 };
 constexpr TileFn<float> kF32Tiles[kTile][kTile] = {
-    {tile_nt_f32<1, 1>, tile_nt_f32<1, 2>, tile_nt_f32<1, 3>, tile_nt_f32<1, 4>},
-    {tile_nt_f32<2, 1>, tile_nt_f32<2, 2>, tile_nt_f32<2, 3>, tile_nt_f32<2, 4>},
-    {tile_nt_f32<3, 1>, tile_nt_f32<3, 2>, tile_nt_f32<3, 3>, tile_nt_f32<3, 4>},
-    {tile_nt_f32<4, 1>, tile_nt_f32<4, 2>, tile_nt_f32<4, 3>, tile_nt_f32<4, 4>},
+    {tile_f32<1, 1>, tile_f32<1, 2>, tile_f32<1, 3>, tile_f32<1, 4>},
+    {tile_f32<2, 1>, tile_f32<2, 2>, tile_f32<2, 3>, tile_f32<2, 4>},
+    {tile_f32<3, 1>, tile_f32<3, 2>, tile_f32<3, 3>, tile_f32<3, 4>},
+    {tile_f32<4, 1>, tile_f32<4, 2>, tile_f32<4, 3>, tile_f32<4, 4>},
 };
 
 // Panels of kPanel A rows against 4-row blocks of B, tile by tile.
