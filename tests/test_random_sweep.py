@@ -152,7 +152,9 @@ def test_fp32_logprobs(case):
     rng = random.Random(4000 + case)
     torch.manual_seed(4000 + case)
     dt = rng.choice(DTYPES)
-    N, V, D = rng.choice([0, 1, 17, rng.randint(1, 300)]), rng.choice([1, 7, 1000, rng.randint(1, 5000)]), rng.choice([16, 33, 256])
+    # N from 2 to 8 takes the few-rows kernels (decoding), 17 and more the tiled ones.
+    N = rng.choice([0, 1, rng.randint(2, 8), 17, rng.randint(1, 300)])
+    V, D = rng.choice([1, 7, 1000, rng.randint(1, 5000)]), rng.choice([16, 33, 256])
     temperature, with_entropy = rng.choice([1.0, 0.7, 2.5]), rng.random() < 0.5
     hidden, weight = torch.randn(N, D).to(dt), (torch.randn(V, D) * D**-0.5).to(dt)
     targets = torch.randint(0, V, (N,))
