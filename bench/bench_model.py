@@ -1,6 +1,6 @@
 """Prefill and decode speed of m1model against transformers' MiniMax on the same weights (CPU).
 
-    python bench/bench_model.py [--tokens 4096] [--decode-steps 32] [--repeat 3] [--batch 1]
+    python bench/bench_model.py [--tokens 4096] [--decode-steps 32] [--repeat 3] [--batch 1 [4 8 ...]]
         [--dtype float32] [--preset small] [--layers N] [--threads N] [--reference]
 
 One random M1-shaped model (preset "small": 7 lightning + 1 softmax layer,
@@ -16,6 +16,9 @@ implementations, which then run in the same process:
 The two implementations alternate (prefill, prefill, ..., then step, step, ...)
 and the speedup is the median of the paired ratios, with their range: the
 machine's load changes during a run, and pairing makes the ratio robust to it.
+The memory read rate (a streaming sum, GB/s) is measured before and after each
+batch size and stored: decode steps are bound by it, and on a shared host it
+drifts.
 Both are checked to agree (relative error of the prefill's last logits) before
 anything is timed. ops.status() is printed and stored: an op that m1ops does not
 provide yet runs on its PyTorch stand-in, and the numbers then say little about
@@ -30,7 +33,7 @@ import tempfile
 import time
 
 import torch
-from common import mm_gflops, print_table, write_json
+from common import memory_read_gbs, mm_gflops, print_table, write_json
 
 from m1model import M1Config, M1ForCausalLM, ops
 from m1model.model import lightning_block_size
@@ -131,7 +134,7 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--layers", type=int, default=None, help="override the layer count (keeps 1 softmax in 8)")
     p.add_argument("--tokens", type=int, default=4096, help="prompt length per sequence")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, one table (and JSON) each")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3, help="prefills per implementation (alternating)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -163,17 +166,24 @@ def main() -> None:
     status = ops.status()
     print("m1model ops:", status)
     ceiling = mm_gflops(dtype=dtype)  # in the weights' dtype: bf16 GEMMs can be much faster than fp32 ones
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.tokens))
     ours, theirs = Ours(ours_model), Theirs(theirs_model)
+    for B in args.batch:
+        run_batch(args, config, ours, theirs, B, ceiling, status)
 
+
+def run_batch(args, config: M1Config, ours: Ours, theirs: Theirs, B: int, ceiling: float, status: dict) -> None:
+    """One batch size: measures, prints the table, writes bench/results/model_<...>_B<B>_....json."""
+    T = args.tokens
+    ids = torch.randint(0, config.vocab_size, (B, T))
+    read_before = memory_read_gbs()
     # Warm-up on a short prompt (allocator, thread pool, lazily built tables).
     measure(ours, theirs, ids[:, :64], 2, 1)
     prefill, decode, lo, lt = measure(ours, theirs, ids, args.decode_steps, args.repeat)
+    read_after = memory_read_gbs()
     agree = ((lo.double() - lt.double()).norm() / lt.double().norm()).item()
     print(f"prefill last-position logits, relative difference m1model vs transformers: {agree:.2e}")
 
-    B, T = args.batch, args.tokens
-    flops = prefill_flops(config, B, T, lightning_block_size(config.block_size, ours_model.device))
+    flops = prefill_flops(config, B, T, lightning_block_size(config.block_size, ours.model.device))
     med = {k: {who: statistics.median(v) for who, v in d.items()} for k, d in (("prefill", prefill), ("decode", decode))}
     rows = []
     for phase, d, n in (("prefill", prefill, B * T), (f"decode @{T}", decode, B)):
@@ -185,7 +195,8 @@ def main() -> None:
                          of_ceiling=flops / m["ours"] / 1e9 / ceiling if phase == "prefill" else None))
     print(f"{args.preset}: {config.num_hidden_layers} layers, D={config.hidden_size}, H={config.num_attention_heads}"
           f"x{config.head_dim}, E={config.num_local_experts} top-{config.num_experts_per_tok}, {args.dtype}, "
-          f"B={B}, T={T}, {torch.get_num_threads()} threads, torch.mm {args.dtype} ceiling {ceiling:.0f} GFLOP/s")
+          f"B={B}, T={T}, {torch.get_num_threads()} threads, torch.mm {args.dtype} ceiling {ceiling:.0f} GFLOP/s, "
+          f"memory read {read_before:.0f} -> {read_after:.0f} GB/s")
     print("speedup = transformers time / m1model time, median of the paired runs [min, max]")
     print_table(rows, [("phase", "phase", "s"), ("ours_tps", "m1model tok/s", ".1f"),
                        ("hf_tps", "transformers tok/s", ".1f"), ("speedup", "speedup", ".2f"),
@@ -194,10 +205,9 @@ def main() -> None:
     write_json(f"model_{args.preset}_{args.dtype}_B{B}_T{T}_threads{torch.get_num_threads()}", {
         "config": config.to_dict(), "dtype": args.dtype, "batch": B, "tokens": T, "repeat": args.repeat,
         "decode_steps": args.decode_steps, "ops_status": status, "reference": args.reference,
-        "mm_gflops": ceiling, "logits_rel_diff": agree, "rows": rows,
+        "mm_gflops": ceiling, "memory_read_gbs": [read_before, read_after], "logits_rel_diff": agree, "rows": rows,
         "prefill_s": prefill, "decode_step_s": decode,
     })
-
 
 if __name__ == "__main__":
     main()

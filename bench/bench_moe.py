@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from common import print_table, write_json
+from common import memory_read_gbs, print_table, write_json
 
 import m1ops
 
@@ -101,12 +101,6 @@ def fwd_bwd(fn, x, w_gate_up, w_down, topk_weights, topk_ids, grad_y):
     return run
 
 
-def memory_bandwidth_gbs() -> float:
-    buf = torch.ones(64 * 2**20)  # 256 MB, well beyond the caches
-    ms = interleaved_ms({"sum": lambda: buf.sum()}, budget_s=1.0)["sum"]
-    return buf.numel() * 4 / (ms * 1e-3) / 1e9
-
-
 def main() -> None:
     global D, FFN, E, K
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,7 +118,7 @@ def main() -> None:
         torch.set_num_threads(1)
 
     torch.manual_seed(0)
-    bandwidth = memory_bandwidth_gbs()
+    bandwidth = memory_read_gbs()
     print(f"D={D} F={FFN} E={E} k={K}, {torch.get_num_threads()} threads, "
           f"{'process CPU time' if args.cpu_time else 'wall time'}, memory read {bandwidth:.1f} GB/s")
     rows = []

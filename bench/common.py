@@ -45,6 +45,14 @@ def mm_gflops(n: int = 2048, dtype: torch.dtype = torch.float32, device: str = "
     return 2 * n**3 / (ms * 1e-3) / 1e9
 
 
+def memory_read_gbs(mb: int = 256) -> float:
+    """Rate of a streaming sum over a buffer well beyond the caches (GB/s): what weight-bound
+    steps (decoding, few-row GEMMs) are limited by; on a shared host it drifts with the load."""
+    buf = torch.ones(mb * 2**20 // 4)
+    ms = time_ms(lambda: buf.sum(), repeat=5, warmup=1)
+    return buf.numel() * 4 / (ms * 1e-3) / 1e9
+
+
 def machine() -> dict:
     return {
         "torch": torch.__version__,
