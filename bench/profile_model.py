@@ -1,6 +1,7 @@
 """Where the time of a prefill and of a decode step goes: m1model against transformers' MiniMax.
 
     python bench/profile_model.py [--tokens 4096] [--dtype float32] [--threads N] [--steps 8] [--rows 25]
+        [--only ours|theirs] [--preset small]
 
 Builds the model of bench_model.py (same weights for both), then runs each
 implementation under torch.profiler with a record_function range around every
@@ -111,6 +112,7 @@ def decode_split(impl: Ours, tok: torch.Tensor, steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", help="model preset (bench_model.py's default: small)")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8, help="decode steps profiled (after the prefill)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -120,8 +122,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = M1Config.preset("small")
-    config = M1Config.preset("small", rotary_dim=config.head_dim)
+    config = M1Config.preset(args.preset)
+    config = M1Config.preset(args.preset, rotary_dim=config.head_dim)  # transformers rotates the whole head
     dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         model = M1ForCausalLM(config)
