@@ -209,5 +209,6 @@ def run_batch(args, config: M1Config, ours: Ours, theirs: Theirs, B: int, ceilin
         "prefill_s": prefill, "decode_step_s": decode,
     })
 
+
 if __name__ == "__main__":
     main()

@@ -155,8 +155,9 @@ class SoftmaxAttention(nn.Module):
         """q [B, H, Tq, Dh], k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh]."""
         return F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, enable_gqa=True, **kw)
 
-    def _decode_sdpa(self, q, k, v, mask) -> torch.Tensor:
-        """One new token per row: q [B, H, Dh], k/v [B, Hkv, S, Dh], mask [B, 1, 1, S] or None -> o [B, H, Dh].
+    def _decode_sdpa(self, q, k, v, attn_mask) -> torch.Tensor:
+        """One new token per row: q [B, H, 1, Dh], k/v [B, Hkv, S, Dh], attn_mask [B, 1, 1, S] or None ->
+        o [B, H, 1, Dh] (what _sdpa returns for one query).
 
         The G = H / Hkv query heads that share a KV head attend as G query positions of one head
         (they see the same keys, and one token has no causal order among them), so SDPA reads each
@@ -166,10 +167,10 @@ class SoftmaxAttention(nn.Module):
         keys: 1.25 ms at B=1, 2.3 ms at B=8, most of it the conversion); folded it takes 0.18 ms and
         1.3 ms with the keys as stored.
         """
-        B, H, Dh = q.shape
+        B, H, _, Dh = q.shape
         o = F.scaled_dot_product_attention(q.reshape(B, self.kv_heads, H // self.kv_heads, Dh), k, v,
-                                           attn_mask=mask, scale=self.head_dim**-0.5)
-        return o.reshape(B, H, Dh)
+                                           attn_mask=attn_mask, scale=self.head_dim**-0.5)
+        return o.reshape(B, H, 1, Dh)
 
     def _packed(self, q, k, v, same_length: list[torch.Tensor]) -> torch.Tensor:
         """q [T, H, Dh], k/v [T, Hkv, Dh] of packed sequences -> o [T, H, Dh]: causal attention within
@@ -204,10 +205,8 @@ class SoftmaxAttention(nn.Module):
             else:
                 # One new token per row and rows of equal length need no mask.
                 mask = None if T == 1 and bool(mask.all()) else mask
-                if T == 1:
-                    o = self._decode_sdpa(q[:, 0], keys, values, mask)[:, None]
-                    return ops.linear(o.reshape(B, T, -1), self.o_proj.weight)
-                o = self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask)
+                attend = self._decode_sdpa if T == 1 else self._sdpa
+                o = attend(q.transpose(1, 2), keys, values, attn_mask=mask)
         return ops.linear(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim), self.o_proj.weight)
 
 

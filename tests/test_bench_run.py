@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import ROOT, load_bench
 
+
 @pytest.fixture(scope="module")
 def run_module():
     return load_bench("run")

@@ -6,16 +6,16 @@ Hand counts list the products each kernel runs as (m, n, k) GEMM shapes and add
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from helpers import load_bench
+from torch.utils.flop_counter import FlopCounterMode
 
 import m1ops
 from m1model import M1Config, M1ForCausalLM
 from m1model.config import FULL, LINEAR
 from m1model.model import lightning_block_size
+
 
 @pytest.fixture(scope="module")
 def flops_model():

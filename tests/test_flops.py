@@ -3,9 +3,9 @@ against an explicit per-token sum."""
 
 from __future__ import annotations
 
-
 import pytest
 from helpers import load_bench
+
 
 @pytest.fixture(scope="module")
 def flops():

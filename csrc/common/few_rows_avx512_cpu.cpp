@@ -11,14 +11,12 @@
 // lanes of each accumulator are summed once per tile.
 //
 // Compiled for AVX-512 by function attributes (common/avx512.h) and called only
-// when the CPU has it (few_rows_avx512()); the rest of the library stays portable.
+// when the CPU has it (avx512::cpu_has()); the rest of the library stays portable.
 #include "common/few_rows_gemm.h"
 
 #include "common/avx512.h"
 
 namespace m1::cpu {
-
-bool few_rows_avx512() { return avx512::cpu_has(); }
 
 #if defined(M1_AVX512_KERNELS)
 namespace {
@@ -57,7 +55,7 @@ void block(int M, int r, int64_t k, const float* a, int64_t lda, const T* b, int
 template <typename T>
 void gemm_nt_few_rows_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb,
                              float* c, int64_t ldc) {
-  if (!few_rows_avx512()) throw std::logic_error("m1: gemm_nt_few_rows_avx512 needs AVX-512");
+  if (!avx512::cpu_has()) throw std::logic_error("m1: gemm_nt_few_rows_avx512 needs AVX-512");
   // B tile outermost: its r rows (r x k values) stay in L1 while every block of A rows passes over
   // them; the first block prefetches the next tile. Full tiles of R rows, then single rows.
   const int R = rows_of_b(m);

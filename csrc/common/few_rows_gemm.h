@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "common/avx512.h"
 #include "common/dtype.h"
 #include "common/macros.h"
 
@@ -97,12 +98,11 @@ void gemm_nt_few_rows_block(int64_t m, int64_t n, int64_t k, const float* a, int
 }
 
 // The same contract with AVX-512, several B rows per tile (common/few_rows_avx512_cpu.cpp). Any m; T
-// float, bf16 or fp16. Only when few_rows_avx512() (checked once), otherwise it throws
+// float, bf16 or fp16. Only when avx512::cpu_has() (checked once), otherwise it throws
 // std::logic_error. Weight read rate against the kernels above, [32000, 1024] out of cache, 2
 // threads (Zen 5): fp32 m = 4: 49 -> 47-52 GB/s, m = 8: 14 -> 36; bf16 m = 1: 50 -> 56, m = 4:
 // 27 -> 62, m = 8: 12 -> 46. For fp32 with m <= 2 the portable kernel streams as fast (50-57 GB/s)
 // and keeps it.
-bool few_rows_avx512();
 template <typename T>
 void gemm_nt_few_rows_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb,
                              float* c, int64_t ldc);
@@ -113,9 +113,9 @@ template <typename T>
 void gemm_nt_few_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb,
                       float* c, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (m >= 3 && few_rows_avx512()) return gemm_nt_few_rows_avx512<T>(m, n, k, a, lda, b, ldb, c, ldc);
+    if (m >= 3 && avx512::cpu_has()) return gemm_nt_few_rows_avx512<T>(m, n, k, a, lda, b, ldb, c, ldc);
   } else if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, fp16>) {
-    if (few_rows_avx512()) return gemm_nt_few_rows_avx512<T>(m, n, k, a, lda, b, ldb, c, ldc);
+    if (avx512::cpu_has()) return gemm_nt_few_rows_avx512<T>(m, n, k, a, lda, b, ldb, c, ldc);
   }
   constexpr int64_t kBRows = 16;
   for (int64_t j = 0; j < n; j += kBRows)

@@ -3,7 +3,7 @@
 #include <string>
 
 #include "common/cpu_runtime.h"
-#include "moe/moe_gemm_avx512_cpu.h"
+#include "common/avx512.h"
 
 extern "C" const char* m1_runtime_info() {
   static const std::string info = std::string("{\"cpu_gemm\": \"") + m1::cpu::gemm_backend() +
@@ -14,7 +14,7 @@ extern "C" const char* m1_runtime_info() {
 #endif
                                   // Whether this CPU runs the AVX-512 (and AVX512-BF16) kernels of the
                                   // fused MoE, the FP32 head and the few-rows GEMM.
-                                  ", \"cpu_avx512\": " + (m1::moe::cpu_has_avx512() ? "true" : "false") +
-                                  ", \"cpu_avx512_bf16\": " + (m1::moe::cpu_has_bf16_dot() ? "true" : "false") + "}";
+                                  ", \"cpu_avx512\": " + (m1::avx512::cpu_has() ? "true" : "false") +
+                                  ", \"cpu_avx512_bf16\": " + (m1::avx512::cpu_has_bf16() ? "true" : "false") + "}";
   return info.c_str();
 }

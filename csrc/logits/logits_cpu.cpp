@@ -57,7 +57,7 @@ template <> constexpr DType kAccDType<double> = DType::kFloat64;
 // (FMA), in another order. The gradient GEMMs (dW = dX^T H, dH = dX W) are not NT: sgemm.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (!ta && tb && beta == 0.0f && moe::cpu_has_avx512()) {
+  if (!ta && tb && beta == 0.0f && avx512::cpu_has()) {
     moe::gemm_nt_f32(m, n, k, a, lda, b, ldb, c, ldc);
     if (alpha != 1.0f)
       for (int64_t i = 0; i < m; ++i)

@@ -299,10 +299,10 @@ template <typename T>
 void backward_typed(const BackwardParams& p) {
   const bool auto_path = p.in.cpu_gemm == CpuGemm::kAuto;
   if constexpr (std::is_same_v<T, bf16>) {
-    if (auto_path && cpu_has_bf16_dot()) return backward_path<T, Path::kBf16Dot>(p);
+    if (auto_path && avx512::cpu_has_bf16()) return backward_path<T, Path::kBf16Dot>(p);
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (auto_path && cpu_has_avx512()) return backward_path<T, Path::kF32Avx512>(p);
+    if (auto_path && avx512::cpu_has()) return backward_path<T, Path::kF32Avx512>(p);
   }
   backward_path<T, Path::kFp32Tiles>(p);
 }

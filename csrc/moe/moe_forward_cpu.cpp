@@ -198,10 +198,10 @@ template <typename T>
 void forward_typed(const ForwardParams& p) {
   const bool auto_path = p.in.cpu_gemm == CpuGemm::kAuto;
   if constexpr (std::is_same_v<T, bf16>) {
-    if (auto_path && cpu_has_bf16_dot()) return forward_path<T, Path::kBf16Dot>(p);
+    if (auto_path && avx512::cpu_has_bf16()) return forward_path<T, Path::kBf16Dot>(p);
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (auto_path && cpu_has_avx512()) return forward_path<T, Path::kF32Avx512>(p);
+    if (auto_path && avx512::cpu_has()) return forward_path<T, Path::kF32Avx512>(p);
   }
   forward_path<T, Path::kFp32Tiles>(p);
 }

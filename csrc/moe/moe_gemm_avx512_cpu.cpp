@@ -11,7 +11,7 @@
 // with 16 p per step and vfmadd231ps (avx512::tile_nt, common/avx512.h).
 //
 // Compiled for the AVX-512 targets by function attributes, called only after
-// cpu_has_bf16_dot() / cpu_has_avx512() said yes; the rest of the library
+// avx512::cpu_has_bf16() / avx512::cpu_has() said yes; the rest of the library
 // stays portable.
 #include "moe/moe_gemm_avx512_cpu.h"
 
@@ -21,10 +21,6 @@
 #include "common/avx512.h"
 
 namespace m1::moe {
-
-bool cpu_has_avx512() { return avx512::cpu_has(); }
-
-bool cpu_has_bf16_dot() { return avx512::cpu_has_bf16(); }
 
 #if defined(M1_AVX512_KERNELS)
 namespace {
@@ -120,14 +116,14 @@ void run_tiles(const TileFn<E> (&tiles)[kTile][kTile], int64_t m, int64_t n, int
 
 void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float* c,
                   int64_t ldc) {
-  if (!cpu_has_bf16_dot()) throw std::logic_error("m1 fused_moe: gemm_nt_bf16 needs AVX512-BF16");
+  if (!avx512::cpu_has_bf16()) throw std::logic_error("m1 fused_moe: gemm_nt_bf16 needs AVX512-BF16");
   run_tiles(kBf16Tiles, m, n, k, reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b), ldb,
             c, ldc);
 }
 
 void gemm_nt_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                  int64_t ldc) {
-  if (!cpu_has_avx512()) throw std::logic_error("m1 fused_moe: gemm_nt_f32 needs AVX-512");
+  if (!avx512::cpu_has()) throw std::logic_error("m1 fused_moe: gemm_nt_f32 needs AVX-512");
   run_tiles(kF32Tiles, m, n, k, a, lda, b, ldb, c, ldc);
 }
 

@@ -11,23 +11,22 @@
 
 #include <cstdint>
 
+#include "common/avx512.h"
 #include "common/dtype.h"
 
 namespace m1::moe {
 
-// Whether this CPU can run gemm_nt_bf16 / gemm_nt_f32 (checked once).
-bool cpu_has_bf16_dot();
-bool cpu_has_avx512();
+// Whether this CPU can run them: avx512::cpu_has_bf16() / avx512::cpu_has() (common/avx512.h).
 
 // C[m, n] = A[m, k] B[n, k]^T: A and B bf16 with k contiguous (row strides
 // lda, ldb), C fp32 with row stride ldc, products summed in fp32 (pairs of
 // bf16 products per vdpbf16ps lane). Any m, n, k >= 0; k = 0 writes zeros.
-// Throws std::logic_error when !cpu_has_bf16_dot().
+// Throws std::logic_error when !avx512::cpu_has_bf16().
 void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float* c,
                   int64_t ldc);
 
 // The same for float32 A and B (fp32 FMA). Throws std::logic_error when
-// !cpu_has_avx512().
+// !avx512::cpu_has().
 void gemm_nt_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                  int64_t ldc);
 

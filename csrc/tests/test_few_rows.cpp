@@ -82,7 +82,7 @@ void test_type(std::mt19937& rng) {
       for (int64_t k : {1, 15, 16, 17, 33, 100}) {
         check<T>("portable", portable, m, n, k, rng);
         check<T>("dispatched", dispatched, m, n, k, rng);
-        if (cpu::few_rows_avx512()) check<T>("avx512", avx512, m, n, k, rng);
+        if (avx512::cpu_has()) check<T>("avx512", avx512, m, n, k, rng);
       }
     }
   }
@@ -93,7 +93,7 @@ void test_type(std::mt19937& rng) {
   for (float v : c) zeros = zeros && v == 0.f;
   M1_EXPECT(zeros, "%s k = 0 must write zeros", name<T>());
   check<T>("dispatched", dispatched, 3, 40, 1024, rng);
-  if (cpu::few_rows_avx512()) check<T>("avx512", avx512, 8, 40, 1024, rng);
+  if (avx512::cpu_has()) check<T>("avx512", avx512, 8, 40, 1024, rng);
 }
 
 }  // namespace
@@ -103,7 +103,7 @@ int main() {
   test_type<float>(rng);
   test_type<bf16>(rng);
   test_type<fp16>(rng);
-  if (!cpu::few_rows_avx512()) {
+  if (!avx512::cpu_has()) {
     bool threw = false;
     try {
       cpu::gemm_nt_few_rows_avx512<float>(1, 1, 1, nullptr, 1, nullptr, 1, nullptr, 1);

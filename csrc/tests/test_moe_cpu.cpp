@@ -204,7 +204,7 @@ void suite() {
 // gemm_nt_f32 / gemm_nt_bf16 against double sums, on tile edges and k tails,
 // when the CPU has AVX-512 / AVX512-BF16.
 void avx512_gemms() {
-  if (!cpu_has_avx512()) {
+  if (!avx512::cpu_has()) {
     std::printf("AVX-512 not available: gemm_nt_f32 and gemm_nt_bf16 not tested on this CPU\n");
     return;
   }
@@ -236,7 +236,7 @@ void avx512_gemms() {
       }
     }
   }
-  if (!cpu_has_bf16_dot()) {
+  if (!avx512::cpu_has_bf16()) {
     std::printf("AVX512-BF16 not available: gemm_nt_bf16 not tested on this CPU\n");
     return;
   }
