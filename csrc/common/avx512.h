@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/macros.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define M1_AVX512_KERNELS 1
@@ -79,54 +80,66 @@ M1_TARGET_AVX512 inline __m512 widen(const fp16* p, __mmask16 mask) {
   return _mm512_maskz_cvtph_ps(kAll, _mm256_maskz_loadu_epi16(mask, p));
 }
 
+// One step of tile_nt (below): 16 p at p into the M x R accumulators; `mask` selects the k % 16 tail
+// (masked loads give zeros past the end).
+template <typename T, int M, int R>
+M1_TARGET_AVX512 M1_INLINE void nt_step(__m512 (&acc)[M][R], const float* __restrict a, int64_t lda,
+                                        const T* __restrict b, int64_t ldb, int64_t p, __mmask16 mask) {
+  __m512 bv[R];
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j) bv[j] = mask == kAll ? widen(b + j * ldb + p) : widen(b + j * ldb + p, mask);
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i) {
+    const __m512 av = mask == kAll ? _mm512_loadu_ps(a + i * lda + p) : _mm512_maskz_loadu_ps(mask, a + i * lda + p);
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+  }
+}
+
 // One tile of an "NT" GEMM: C[i, j] = sum_p A[i, p] B[j, p] for M rows of A (fp32) and R rows of B
 // (T widened in registers), p contiguous in both, fp32 FMAs on 16 p per step, masked loads for the
-// k % 16 tail, the 16 lanes of each of the M x R accumulators summed at the end. With `next` (the
-// rows of the following tile, same stride), every step prefetches the line of each of them that
-// the step after this tile will read: R rows read side by side are R streams 4-8 KB apart, which
-// the hardware prefetcher follows less well (fp32 [32000, 1024] against 8 rows of A, 2 threads:
-// 28 GB/s without, 36 with).
-template <typename T, int M, int R>
+// k % 16 tail, the 16 lanes of each of the M x R accumulators summed at the end. U > 1 keeps U
+// accumulators per (i, j) on interleaved 16-p slices, for tiles with too few independent FMA
+// chains to stream (1 x 1: one dependent FMA per 16 values, about 28 GB/s of bf16 per core at 4
+// cycles each; see common/few_rows_avx512_cpu.cpp). With `next` (the rows of the following tile,
+// same stride), every step prefetches the lines of each of them that the step after this tile
+// will read: R rows read side by side are R streams 4-8 KB apart, which the hardware prefetcher
+// follows less well (fp32 [32000, 1024] against 8 rows of A, 2 threads: 28 GB/s without, 36 with).
+template <typename T, int M, int R, int U = 1>
 M1_TARGET_AVX512 void tile_nt(int64_t k, const float* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
                               float* __restrict c, int64_t ldc, const T* next) {
   constexpr int64_t kLine = 64 / sizeof(T);  // B values per cache line
-  __m512 acc[M][R];
+  constexpr int64_t kStep = 16 * U;
+  __m512 acc[U][M][R];
 #pragma GCC unroll 8
-  for (int i = 0; i < M; ++i)
+  for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) acc[u][i][j] = _mm512_setzero_ps();
   int64_t p = 0;
-  for (; p + 16 <= k; p += 16) {
-    if (next && p % kLine == 0) {
+  for (; p + kStep <= k; p += kStep) {
+    if (next) {
 #pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + p), _MM_HINT_T0);
+      for (int64_t q = p; q < p + kStep; q += 16)
+        if (q % kLine == 0)
+#pragma GCC unroll 8
+          for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + q), _MM_HINT_T0);
     }
-    __m512 bv[R];
 #pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) bv[j] = widen(b + j * ldb + p);
-#pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) {
-      const __m512 av = _mm512_loadu_ps(a + i * lda + p);
-#pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
-    }
+    for (int u = 0; u < U; ++u) nt_step<T, M, R>(acc[u], a, lda, b, ldb, p + 16 * u, kAll);
   }
-  if (p < k) {  // 1 .. 15 remaining: masked loads give zeros past the end
-    const __mmask16 mask = __mmask16((1u << (k - p)) - 1u);
-    __m512 bv[R];
-#pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) bv[j] = widen(b + j * ldb + p, mask);
-#pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) {
-      const __m512 av = _mm512_maskz_loadu_ps(mask, a + i * lda + p);
-#pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
-    }
-  }
+  for (; p + 16 <= k; p += 16) nt_step<T, M, R>(acc[0], a, lda, b, ldb, p, kAll);
+  if (p < k) nt_step<T, M, R>(acc[0], a, lda, b, ldb, p, __mmask16((1u << (k - p)) - 1u));  // 1 .. 15 left
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) c[i * ldc + j] = hsum(acc[i][j]);
+    for (int j = 0; j < R; ++j) {
+      __m512 sum = acc[0][i][j];
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][i][j]);
+      c[i * ldc + j] = hsum(sum);
+    }
 }
 #endif
 

@@ -23,22 +23,24 @@ namespace {
 
 using avx512::tile_nt;
 
-// A rows per block and B rows per tile: 4 x 4 (or 2 x 8) accumulators, R + M loads per 16 FMAs. In L2,
-// 2 threads: 370 GFLOP/s at 4 x 4, against 205 for 8 rows x 3 and 145 for the portable kernel.
+// A rows per block and B rows per tile: 4 x 4 accumulators, R + M loads per 16 FMAs. In L2, 2
+// threads: 370 GFLOP/s at 4 x 4, against 205 for 8 rows x 3 and 145 for the portable kernel.
+// With one or two rows of A the weight stream alone bounds the kernel, and one B row at a time
+// streams best: a sequence of twelve [6144, 1024] bf16 weights (the model's pattern: 6-12 MB each,
+// one after the other), 2 threads, GB/s in one run: 1 row of A against 8 B rows with the next tile
+// prefetched 49, against 1 B row 53, against 1 B row with 2 accumulators on alternate 16-p slices
+// 58-59 (fp32 weights, portable kernel, same bytes: 62-65); 2 rows of A: 8 B rows 35, 1 B row 39.
 constexpr int64_t kRowsOfA = 4;
-constexpr int rows_of_b(int64_t m) { return m <= 2 ? 8 : 4; }
+constexpr int rows_of_b(int64_t m) { return m <= 2 ? 1 : 4; }
 
 template <typename T, int M>
 void tile_rows(int r, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
                const T* next) {
-  if (r == 8) {
-    if constexpr (M <= 2) return tile_nt<T, M, 8>(k, a, lda, b, ldb, c, ldc, next);
-  }
   if (r == 4) return tile_nt<T, M, 4>(k, a, lda, b, ldb, c, ldc, next);
-  return tile_nt<T, M, 1>(k, a, lda, b, ldb, c, ldc, next);
+  return tile_nt<T, M, 1, M == 1 ? 2 : 1>(k, a, lda, b, ldb, c, ldc, nullptr);
 }
 
-// One block of M <= 4 A rows against r in {1, 4, 8 (M <= 2)} B rows.
+// One block of M <= 4 A rows against r in {1, 4} B rows.
 template <typename T>
 void block(int M, int r, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
            const T* next) {

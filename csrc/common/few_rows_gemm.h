@@ -97,12 +97,12 @@ void gemm_nt_few_rows_block(int64_t m, int64_t n, int64_t k, const float* a, int
   }
 }
 
-// The same contract with AVX-512, several B rows per tile (common/few_rows_avx512_cpu.cpp). Any m; T
-// float, bf16 or fp16. Only when avx512::cpu_has() (checked once), otherwise it throws
+// The same contract with AVX-512, several B rows per tile from 3 rows of A (common/few_rows_avx512_cpu.cpp).
+// Any m; T float, bf16 or fp16. Only when avx512::cpu_has() (checked once), otherwise it throws
 // std::logic_error. Weight read rate against the kernels above, [32000, 1024] out of cache, 2
-// threads (Zen 5): fp32 m = 4: 49 -> 47-52 GB/s, m = 8: 14 -> 36; bf16 m = 1: 50 -> 56, m = 4:
-// 27 -> 62, m = 8: 12 -> 46. For fp32 with m <= 2 the portable kernel streams as fast (50-57 GB/s)
-// and keeps it.
+// threads (Zen 5): fp32 m = 4: 49 -> 47-52 GB/s, m = 8: 14 -> 36; bf16 m = 4: 27 -> 62, m = 8:
+// 12 -> 46; bf16 m = 1 on the model's sequence of 6-12 MB weights: 47 -> 58. For fp32 with m <= 2
+// the portable kernel streams as fast (50-65 GB/s) and keeps it.
 template <typename T>
 void gemm_nt_few_rows_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb,
                              float* c, int64_t ldc);
