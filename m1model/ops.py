@@ -106,13 +106,16 @@ def fp32_logits(hidden, weight) -> torch.Tensor:
     return _impl("fp32_logits")(hidden, weight)
 
 
+_HAS_MKLDNN = torch.backends.mkldnn.is_available()
+
+
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear() may take oneDNN's CPU matmul: eager mode, fp32/bf16 tensors of one dtype on
     the CPU, oneDNN built in."""
     return (
         x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
         and x.dtype in (torch.float32, torch.bfloat16)
-        and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+        and not torch.compiler.is_compiling() and _HAS_MKLDNN
     )
 
 
@@ -171,8 +174,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None = None)
         # Decoding (a few rows): a weight-bandwidth-bound GEMV. m1ops' FP32 head reads the weight once
         # as stored with fp32 products and sums (a linear with fp32 accumulation, rounded once to x's
         # dtype): 31 GB/s against oneDNN's 22 GB/s on a [3072, 1024] fp32 weight out of cache.
-        y = m1ops.fp32_logits(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1).to(x.dtype)
-        return _activate(y, activation)
+        y = m1ops.fp32_logits(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
+        return _activate(y if y.dtype == x.dtype else y.to(x.dtype), activation)
     if fast:
         attr = "sigmoid" if activation == "sigmoid" else "none"
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
