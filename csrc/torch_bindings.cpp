@@ -68,4 +68,8 @@ TORCH_LIBRARY(m1, m) {
   m.def("_fp32_logits_backward(Tensor grad_logits, Tensor hidden, Tensor weight, *, bool grad_hidden=True, "
         "bool grad_weight=True) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // RMSNorm (DESIGN 5) in one pass per row: y = x / sqrt(mean(x^2) + eps) in fp32, rounded to x's
+  // dtype, times weight; x: [..., D]; weight: [D] in x's dtype (or float32 for 16-bit x, then the
+  // result is float32). CPU only; m1ops.rms_norm wraps it with autograd.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

@@ -59,29 +59,15 @@ def lightning_block_size(config_block: int, device: torch.device) -> int:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) in fp32, cast back to x's dtype, times the weight."""
+    """x / rms(x) in fp32, cast back to x's dtype, times the weight (ops.rms_norm)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self._eps: dict[tuple[float, torch.device], torch.Tensor] = {}  # eps as a 0-dim fp32 tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(|x|^2 / D + eps) in fp32, then transformers' rounding order (cast, times the weight).
-        # |x| is one vector_norm reduction and addcmul forms |x|^2 / D + eps: F.rms_norm runs pow,
-        # mean, add, rsqrt and mul on the CPU, a pass each over [T, D] (12% of a bf16 prefill:
-        # bench/profile_model.py). Every op counts while decoding (one row, 25 norms a step).
-        xf = x if x.dtype == torch.float32 else x.float()
-        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-        eps = self._eps.get((self.eps, x.device))
-        if eps is None:
-            eps = self._eps[self.eps, x.device] = torch.tensor(self.eps, dtype=torch.float32, device=x.device)
-        y = xf * torch.rsqrt(torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]))
-        y = y if y.dtype == x.dtype else y.to(x.dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return self.weight * y
-        return y.mul_(self.weight) if self.weight.dtype == y.dtype else self.weight * y
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

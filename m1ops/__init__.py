@@ -11,6 +11,7 @@ load_extension()  # before any torch.library call: the schemas live in _C
 from m1ops.lightning import lightning_attn, lightning_attn_decode  # noqa: E402
 from m1ops.logits import fp32_logits, fp32_logprobs  # noqa: E402
 from m1ops.moe import fused_moe, fused_moe_backward, moe_route  # noqa: E402
+from m1ops.norm import rms_norm  # noqa: E402
 from m1ops import flops  # noqa: E402,F401  registers the ops' FLOP formulas with torch.utils.flop_counter
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "moe_route",
     "fp32_logprobs",
     "fp32_logits",
+    "rms_norm",
 ]

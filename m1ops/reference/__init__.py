@@ -12,6 +12,7 @@ from m1ops.reference.lightning import (
 )
 from m1ops.reference.moe import fused_moe_loop_ref, fused_moe_ref, moe_route_ref
 from m1ops.reference.logits import fp32_logits_ref, fp32_logprobs_ref
+from m1ops.reference.norm import rms_norm_ref
 
 __all__ = [
     "lightning_attn_decode_ref",
@@ -22,4 +23,5 @@ __all__ = [
     "moe_route_ref",
     "fp32_logprobs_ref",
     "fp32_logits_ref",
+    "rms_norm_ref",
 ]

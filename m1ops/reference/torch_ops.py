@@ -202,3 +202,14 @@ def fp32_logprobs(
         return logprobs
     entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
     return logprobs, torch.where(keep, entropy, zero)
+
+
+# ----------------------------------------------------------------------------- RMSNorm (5)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """m1ops.rms_norm: x / sqrt(mean(x^2) + eps) in fp32 (fp64 for float64 x), rounded to x's dtype,
+    times the weight (transformers' MiniMaxRMSNorm; the result takes torch's type promotion)."""
+    xf = x.to(_compute_dtype(x))
+    y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * y
