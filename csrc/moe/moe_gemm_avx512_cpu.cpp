@@ -10,13 +10,24 @@
 // over each 4-row block of B (4 x k x 2 B, L1). The fp32 kernel is the same
 // with 16 p per step and vfmadd231ps (avx512::tile_nt, common/avx512.h).
 //
+// fp32 with many rows of A (the expert GEMMs of a prefill) takes an
+// outer-product kernel instead: B is packed, 256 p at a time, into panels of 32
+// rows transposed ([p][32], 16 x 16 blocks transposed in registers), and a 14 x 32 tile of C (28 zmm
+// accumulators) takes per p one broadcast of A[i, p] per row and two loads of
+// the panel: 28 FMAs per 16 loads and no lane sums. [256 | 1024 rows, 1024] x
+// [256, 1024]^T on 2 threads (Zen 5, fp32 peak 536 GFLOP/s): 329 -> 415 and
+// 324 -> 466 GFLOP/s against the 4 x 4 dot-product tiles.
+//
 // Compiled for the AVX-512 targets by function attributes, called only after
 // avx512::cpu_has_bf16() / avx512::cpu_has() said yes; the rest of the library
 // stays portable.
 #include "moe/moe_gemm_avx512_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 
 #include "common/avx512.h"
 
@@ -29,6 +40,7 @@ constexpr int kTile = 4;         // rows of A and of B per tile
 constexpr int64_t kPanel = 48;   // rows of A per pass over the B blocks
 
 using avx512::hsum;
+using avx512::kAll;
 
 template <int MR, int NR>
 M1_TARGET_AVX512_BF16 void tile_bf16(int64_t k, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
@@ -112,6 +124,127 @@ void run_tiles(const TileFn<E> (&tiles)[kTile][kTile], int64_t m, int64_t n, int
   }
 }
 
+// ---------------------------------------------------------------- fp32, many rows: packed B
+
+constexpr int kPanelRows = 32;      // B rows per packed panel: two zmm of C per row of A
+constexpr int kMicroRows = 14;      // A rows per micro-tile: 28 accumulators + 2 B vectors + 1 broadcast
+constexpr int64_t kDepth = 256;     // p per packed block: a 32 KB panel stays in L1 while A rows pass
+constexpr int64_t kPackedMinRows = 16;                   // fewer rows: the dot-product tiles (no packing)
+
+// The 16 x 16 block in r transposed in registers (r[i] holds row i; afterwards column i).
+M1_TARGET_AVX512 M1_INLINE void transpose16(__m512 (&r)[16]) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved
+    t[2 * i] = _mm512_maskz_unpacklo_ps(kAll, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_maskz_unpackhi_ps(kAll, r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // u[4i + q]: rows 4i .. 4i+3 of column 4L + q in each 128-bit lane L
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, b, d));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes gathered across the four row groups
+    t[i] = _mm512_maskz_shuffle_f32x4(kAll, u[i], u[4 + i], 0x88);
+    t[4 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[i], u[4 + i], 0xDD);
+    t[8 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[8 + i], u[12 + i], 0x88);
+    t[12 + i] = _mm512_maskz_shuffle_f32x4(kAll, u[8 + i], u[12 + i], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_maskz_shuffle_f32x4(kAll, t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_maskz_shuffle_f32x4(kAll, t[4 + i], t[12 + i], 0xDD);
+  }
+}
+
+// panel[p * 32 + j] = B[j, p] for p < kc and the panel's `rows` <= 32 rows of B (zeros past them):
+// 16 x 16 blocks read row by row (sequential streams the prefetcher follows; gathers from weights
+// out of cache were 19% of the GEMM) and transposed in registers.
+M1_TARGET_AVX512 void pack_panel(const float* b, int64_t ldb, int rows, int64_t kc, float* panel) {
+  for (int h = 0; h < kPanelRows / 16; ++h) {
+    const int live = std::clamp(rows - 16 * h, 0, 16);
+    const float* base = b + int64_t(16 * h) * ldb;
+    for (int64_t p = 0; p < kc; p += 16) {
+      const int width = int(std::min<int64_t>(16, kc - p));
+      const __mmask16 mask = __mmask16(width == 16 ? 0xFFFFu : (1u << width) - 1u);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) r[j] = j < live ? _mm512_maskz_loadu_ps(mask, base + j * ldb + p) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int q = 0; q < width; ++q) _mm512_storeu_ps(panel + (p + q) * kPanelRows + 16 * h, r[q]);
+    }
+  }
+}
+
+// C[0:MR, 0:cols] (+)= A[0:MR, 0:kc] panel^T: per p, one broadcast of A[i, p] per row against the
+// panel's two vectors. `accumulate`: add to C (later depth blocks), else overwrite.
+template <int MR>
+M1_TARGET_AVX512 void micro_tile(int64_t kc, const float* a, int64_t lda, const float* panel, float* c, int64_t ldc,
+                                 int cols, bool accumulate) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kc; ++p) {
+    const __m512 b0 = _mm512_loadu_ps(panel + p * kPanelRows), b1 = _mm512_loadu_ps(panel + p * kPanelRows + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda + p]);
+      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+  const __mmask16 lo = __mmask16(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+  const __mmask16 hi = __mmask16(cols >= 32 ? 0xFFFFu : cols <= 16 ? 0u : (1u << (cols - 16)) - 1u);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    __m512 v0 = acc[i][0], v1 = acc[i][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(lo, ci));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(hi, ci + 16));
+    }
+    _mm512_mask_storeu_ps(ci, lo, v0);
+    _mm512_mask_storeu_ps(ci + 16, hi, v1);
+  }
+}
+
+using MicroTile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int, bool);
+template <int... I>
+constexpr std::array<MicroTile, sizeof...(I)> micro_tiles(std::integer_sequence<int, I...>) {
+  return {micro_tile<I + 1>...};
+}
+constexpr std::array<MicroTile, kMicroRows> kMicroTiles = micro_tiles(std::make_integer_sequence<int, kMicroRows>{});
+
+// Depth blocks of kDepth: pack every panel of B for the block (ceil(n / 32) x 32 KB, L2), then
+// every micro-tile of C against it; later blocks add to C.
+void gemm_nt_f32_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                        float* c, int64_t ldc) {
+  const int64_t panels = (n + kPanelRows - 1) / kPanelRows;
+  thread_local std::vector<float> packed;
+  packed.resize(std::max<size_t>(packed.size(), size_t(panels * kDepth * kPanelRows)));
+  for (int64_t p0 = 0; p0 < k; p0 += kDepth) {
+    const int64_t kc = std::min(kDepth, k - p0);
+    for (int64_t q = 0; q < panels; ++q)
+      pack_panel(b + q * kPanelRows * ldb + p0, ldb, int(std::min<int64_t>(kPanelRows, n - q * kPanelRows)), kc,
+                 packed.data() + q * kDepth * kPanelRows);
+    for (int64_t q = 0; q < panels; ++q) {
+      const int cols = int(std::min<int64_t>(kPanelRows, n - q * kPanelRows));
+      for (int64_t i = 0; i < m; i += kMicroRows) {
+        const int rows = int(std::min<int64_t>(kMicroRows, m - i));
+        kMicroTiles[size_t(rows - 1)](kc, a + i * lda + p0, lda, packed.data() + q * kDepth * kPanelRows,
+                                      c + i * ldc + q * kPanelRows, ldc, cols, p0 > 0);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float* c,
@@ -124,6 +257,7 @@ void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, c
 void gemm_nt_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                  int64_t ldc) {
   if (!avx512::cpu_has()) throw std::logic_error("m1 fused_moe: gemm_nt_f32 needs AVX-512");
+  if (m >= kPackedMinRows && k > 0) return gemm_nt_f32_packed(m, n, k, a, lda, b, ldb, c, ldc);
   run_tiles(kF32Tiles, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
