@@ -223,7 +223,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, h.shape[-1])  # [B*T, D]
-        logits = F.linear(x.float(), self.gate.weight.float())  # [B*T, E]
+        xf, gate = (t if t.dtype == torch.float32 else t.float() for t in (x, self.gate.weight))
+        logits = F.linear(xf, gate)  # [B*T, E] fp32
         weights, ids = ops.moe_route(logits, self.top_k)
         y = ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         return y.view_as(h)

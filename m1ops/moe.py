@@ -32,7 +32,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
     num_experts = router_logits.shape[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"moe_route: top_k must be in [1, E] = [1, {num_experts}], got {top_k}")
-    probs = torch.softmax(router_logits.float(), dim=-1)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     # torch.topk does not say which of equal values it returns; a stable
     # descending sort keeps equal probabilities in index order, so ties go to
     # the lower expert index, on every device.
