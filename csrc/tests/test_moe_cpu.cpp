@@ -210,9 +210,9 @@ void avx512_gemms() {
   }
   std::mt19937 rng(9);
   std::normal_distribution<float> nd;
-  // m from 16 takes the packed outer-product kernel: 14-row micro-tiles, 32-row panels of B,
-  // depth blocks of 256 (k = 600: two full blocks and a tail).
-  for (int64_t m : {1, 3, 4, 5, 16, 29, 50}) {
+  // m from 64 takes the packed outer-product kernel: 14-row micro-tiles (79 = 5 x 14 + 9), 32-row
+  // panels of B, depth blocks of 256 (k = 600: two full blocks and a tail).
+  for (int64_t m : {1, 3, 4, 5, 50, 64, 79}) {
     for (int64_t n : {1, 4, 7, 31, 33, 65}) {
       for (int64_t k : {0, 1, 15, 16, 17, 100, 256, 600}) {
         const int64_t lda = k + 5, ldb = k + 3, ldc = n + 2;
