@@ -10,13 +10,15 @@
 // over each 4-row block of B (4 x k x 2 B, L1). The fp32 kernel is the same
 // with 16 p per step and vfmadd231ps (avx512::tile_nt, common/avx512.h).
 //
-// fp32 with 64 or more rows of A (the expert GEMMs of a prefill) takes an
-// outer-product kernel instead: B is packed, 256 p at a time, into panels of 32
-// rows transposed ([p][32], 16 x 16 blocks transposed in registers), and a 14 x 32 tile of C (28 zmm
-// accumulators) takes per p one broadcast of A[i, p] per row and two loads of
-// the panel: 28 FMAs per 16 loads and no lane sums. [256 | 1024 rows, 1024] x
-// [256, 1024]^T on 2 threads (Zen 5, fp32 peak 536 GFLOP/s): 329 -> 415 and
-// 324 -> 466 GFLOP/s against the 4 x 4 dot-product tiles.
+// With many rows of A (the expert GEMMs of a prefill: 64+ in fp32, 128+ in
+// bf16) an outer-product kernel instead: B is packed, 256 32-bit units of k at
+// a time (an fp32 value or a bf16 pair), into panels of 32 rows transposed
+// ([unit][32], 16 x 16 unit blocks transposed in registers), and a 14 x 32
+// tile of C (28 zmm accumulators) takes per unit one broadcast of A per row and
+// two loads of the panel: 28 FMAs (vdpbf16ps) per 16 loads and no lane sums.
+// [256 | 1024 rows, 1024] x [256, 1024]^T on 2 threads (Zen 5, fp32 FMA peak
+// 536 GFLOP/s) against the 4 x 4 dot-product tiles: fp32 329 -> 415 and
+// 324 -> 466 GFLOP/s; bf16 (weights out of cache) 598 -> 777 and 610 -> 875.
 //
 // Compiled for the AVX-512 targets by function attributes, called only after
 // avx512::cpu_has_bf16() / avx512::cpu_has() said yes; the rest of the library
@@ -25,7 +27,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -128,11 +132,13 @@ void run_tiles(const TileFn<E> (&tiles)[kTile][kTile], int64_t m, int64_t n, int
 
 constexpr int kPanelRows = 32;      // B rows per packed panel: two zmm of C per row of A
 constexpr int kMicroRows = 14;      // A rows per micro-tile: 28 accumulators + 2 B vectors + 1 broadcast
-constexpr int64_t kDepth = 256;     // p per packed block: a 32 KB panel stays in L1 while A rows pass
+constexpr int64_t kDepth = 256;     // units of k per packed block: a 32 KB panel stays in L1 while A rows pass
 // Fewer rows: the dot-product tiles, which need no packing. B out of cache, [m, 1024] x [256, 1024]^T,
-// 2 threads, tiles vs packed GFLOP/s: m = 16: 186 vs 112, 32: 260 vs 202, 48: 289 vs 235, 64: 272
-// vs 286, 128: 291 vs 366, 256: 316 vs 430.
-constexpr int64_t kPackedMinRows = 64;
+// 2 threads, tiles vs packed GFLOP/s. fp32: m = 16: 186 vs 112, 32: 260 vs 202, 48: 289 vs 235,
+// 64: 272 vs 286, 128: 291 vs 366, 256: 316 vs 430. bf16: m = 64: 638 vs 529, 96: 636 vs 628,
+// 128: 598 vs 679, 256: 598 vs 777, 1024: 610 vs 875.
+template <typename E>
+constexpr int64_t kPackedMinRows = std::is_same_v<E, float> ? 64 : 128;
 
 // The 16 x 16 block in r transposed in registers (r[i] holds row i; afterwards column i).
 M1_TARGET_AVX512 M1_INLINE void transpose16(__m512 (&r)[16]) {
@@ -167,42 +173,77 @@ M1_TARGET_AVX512 M1_INLINE void transpose16(__m512 (&r)[16]) {
   }
 }
 
-// panel[p * 32 + j] = B[j, p] for p < kc and the panel's `rows` <= 32 rows of B (zeros past them):
-// 16 x 16 blocks read row by row (sequential streams the prefetcher follows; gathers from weights
-// out of cache were 19% of the GEMM) and transposed in registers.
-M1_TARGET_AVX512 void pack_panel(const float* b, int64_t ldb, int rows, int64_t kc, float* panel) {
+// Packed panels hold 32-bit units: one fp32 value, or a pair of consecutive bf16 values of k (the
+// operand pair of one vdpbf16ps lane). Values of k per unit:
+template <typename E>
+constexpr int64_t kPerUnit = 4 / int64_t(sizeof(E));
+
+// 16 units of row `row` from unit u: masked to the `width` values of k left (zeros past them).
+M1_TARGET_AVX512 inline __m512 load_units(const float* row, int64_t width) {
+  return _mm512_maskz_loadu_ps(__mmask16(width >= 16 ? 0xFFFFu : (1u << width) - 1u), row);
+}
+M1_TARGET_AVX512 inline __m512 load_units(const uint16_t* row, int64_t width) {
+  const __mmask32 mask = _cvtu32_mask32(width >= 32 ? 0xFFFFFFFFu : (1u << width) - 1u);
+  return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, row));
+}
+
+// panel[u * 32 + j] = unit u of B row j for the kc values of k of this depth block and the panel's
+// `rows` <= 32 rows of B (zeros past them): 16 x 16 unit blocks read row by row (sequential
+// streams the prefetcher follows; gathers from weights out of cache were 19% of the fp32 GEMM) and
+// transposed in registers.
+template <typename E>
+M1_TARGET_AVX512 void pack_panel(const E* b, int64_t ldb, int rows, int64_t kc, float* panel) {
+  constexpr int64_t kBlock = 16 * kPerUnit<E>;  // values of k per 16 units
   for (int h = 0; h < kPanelRows / 16; ++h) {
     const int live = std::clamp(rows - 16 * h, 0, 16);
-    const float* base = b + int64_t(16 * h) * ldb;
-    for (int64_t p = 0; p < kc; p += 16) {
-      const int width = int(std::min<int64_t>(16, kc - p));
-      const __mmask16 mask = __mmask16(width == 16 ? 0xFFFFu : (1u << width) - 1u);
+    const E* base = b + int64_t(16 * h) * ldb;
+    for (int64_t p = 0; p < kc; p += kBlock) {
+      const int64_t width = std::min(kBlock, kc - p);
       __m512 r[16];
 #pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) r[j] = j < live ? _mm512_maskz_loadu_ps(mask, base + j * ldb + p) : _mm512_setzero_ps();
+      for (int j = 0; j < 16; ++j) r[j] = j < live ? load_units(base + j * ldb + p, width) : _mm512_setzero_ps();
       transpose16(r);
-      for (int q = 0; q < width; ++q) _mm512_storeu_ps(panel + (p + q) * kPanelRows + 16 * h, r[q]);
+      const int64_t units = (width + kPerUnit<E> - 1) / kPerUnit<E>;
+      for (int64_t q = 0; q < units; ++q)
+        _mm512_storeu_ps(panel + (p / kPerUnit<E> + q) * kPanelRows + 16 * h, r[q]);
     }
   }
 }
 
-// C[0:MR, 0:cols] (+)= A[0:MR, 0:kc] panel^T: per p, one broadcast of A[i, p] per row against the
-// panel's two vectors. `accumulate`: add to C (later depth blocks), else overwrite.
-template <int MR>
-M1_TARGET_AVX512 void micro_tile(int64_t kc, const float* a, int64_t lda, const float* panel, float* c, int64_t ldc,
-                                 int cols, bool accumulate) {
-  __m512 acc[MR][2];
+// One unit of k into the MR x 32 accumulators: A[i, unit] broadcast against the panel's two
+// vectors; fp32 FMA, or vdpbf16ps on a bf16 pair (`half`: the last, odd value of k alone).
+template <typename E, int MR, bool half = false>
+M1_TARGET_AVX512_BF16 M1_INLINE void unit_step(__m512 (&acc)[MR][2], const E* a, int64_t lda, int64_t p,
+                                                const float* units) {
+  const __m512 b0 = _mm512_loadu_ps(units), b1 = _mm512_loadu_ps(units + 16);
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < kc; ++p) {
-    const __m512 b0 = _mm512_loadu_ps(panel + p * kPanelRows), b1 = _mm512_loadu_ps(panel + p * kPanelRows + 16);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (std::is_same_v<E, float>) {
       const __m512 av = _mm512_set1_ps(a[i * lda + p]);
       acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+    } else {
+      uint32_t pair = a[i * lda + p];
+      if constexpr (!half) std::memcpy(&pair, a + i * lda + p, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int32_t(pair));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, (__m512bh)b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, (__m512bh)b1);
     }
   }
+}
+
+// C[0:MR, 0:cols] (+)= A[0:MR, 0:kc] panel^T, unit by unit. `accumulate`: add to C (later depth
+// blocks), else overwrite.
+template <typename E, int MR>
+M1_TARGET_AVX512_BF16 void micro_tile(int64_t kc, const E* a, int64_t lda, const float* panel, float* c, int64_t ldc,
+                                      int cols, bool accumulate) {
+  constexpr int64_t kUnit = kPerUnit<E>;
+  __m512 acc[MR][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const int64_t full = kc / kUnit;
+  for (int64_t u = 0; u < full; ++u) unit_step<E, MR>(acc, a, lda, u * kUnit, panel + u * kPanelRows);
+  if (full * kUnit < kc) unit_step<E, MR, true>(acc, a, lda, full * kUnit, panel + full * kPanelRows);
   const __mmask16 lo = __mmask16(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
   const __mmask16 hi = __mmask16(cols >= 32 ? 0xFFFFu : cols <= 16 ? 0u : (1u << (cols - 16)) - 1u);
 #pragma GCC unroll 16
@@ -218,22 +259,27 @@ M1_TARGET_AVX512 void micro_tile(int64_t kc, const float* a, int64_t lda, const 
   }
 }
 
-using MicroTile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int, bool);
-template <int... I>
-constexpr std::array<MicroTile, sizeof...(I)> micro_tiles(std::integer_sequence<int, I...>) {
-  return {micro_tile<I + 1>...};
+template <typename E>
+using MicroTile = void (*)(int64_t, const E*, int64_t, const float*, float*, int64_t, int, bool);
+template <typename E, int... I>
+constexpr std::array<MicroTile<E>, sizeof...(I)> micro_tiles(std::integer_sequence<int, I...>) {
+  return {micro_tile<E, I + 1>...};
 }
-constexpr std::array<MicroTile, kMicroRows> kMicroTiles = micro_tiles(std::make_integer_sequence<int, kMicroRows>{});
+template <typename E>
+constexpr std::array<MicroTile<E>, kMicroRows> kMicroTiles =
+    micro_tiles<E>(std::make_integer_sequence<int, kMicroRows>{});
 
-// Depth blocks of kDepth: pack every panel of B for the block (ceil(n / 32) x 32 KB, L2), then
-// every micro-tile of C against it; later blocks add to C.
-void gemm_nt_f32_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                        float* c, int64_t ldc) {
+// Depth blocks of kDepth units: pack every panel of B for the block (ceil(n / 32) x 32 KB, L2),
+// then every micro-tile of C against it; later blocks add to C.
+template <typename E>
+void gemm_nt_packed(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b, int64_t ldb, float* c,
+                    int64_t ldc) {
+  constexpr int64_t kDepthValues = kDepth * kPerUnit<E>;
   const int64_t panels = (n + kPanelRows - 1) / kPanelRows;
   thread_local std::vector<float> packed;
   packed.resize(std::max<size_t>(packed.size(), size_t(panels * kDepth * kPanelRows)));
-  for (int64_t p0 = 0; p0 < k; p0 += kDepth) {
-    const int64_t kc = std::min(kDepth, k - p0);
+  for (int64_t p0 = 0; p0 < k; p0 += kDepthValues) {
+    const int64_t kc = std::min(kDepthValues, k - p0);
     for (int64_t q = 0; q < panels; ++q)
       pack_panel(b + q * kPanelRows * ldb + p0, ldb, int(std::min<int64_t>(kPanelRows, n - q * kPanelRows)), kc,
                  packed.data() + q * kDepth * kPanelRows);
@@ -241,8 +287,8 @@ void gemm_nt_f32_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t
       const int cols = int(std::min<int64_t>(kPanelRows, n - q * kPanelRows));
       for (int64_t i = 0; i < m; i += kMicroRows) {
         const int rows = int(std::min<int64_t>(kMicroRows, m - i));
-        kMicroTiles[size_t(rows - 1)](kc, a + i * lda + p0, lda, packed.data() + q * kDepth * kPanelRows,
-                                      c + i * ldc + q * kPanelRows, ldc, cols, p0 > 0);
+        kMicroTiles<E>[size_t(rows - 1)](kc, a + i * lda + p0, lda, packed.data() + q * kDepth * kPanelRows,
+                                         c + i * ldc + q * kPanelRows, ldc, cols, p0 > 0);
       }
     }
   }
@@ -253,6 +299,9 @@ void gemm_nt_f32_packed(int64_t m, int64_t n, int64_t k, const float* a, int64_t
 void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float* c,
                   int64_t ldc) {
   if (!avx512::cpu_has_bf16()) throw std::logic_error("m1 fused_moe: gemm_nt_bf16 needs AVX512-BF16");
+  const auto* a16 = reinterpret_cast<const uint16_t*>(a);
+  const auto* b16 = reinterpret_cast<const uint16_t*>(b);
+  if (m >= kPackedMinRows<uint16_t> && k > 0) return gemm_nt_packed(m, n, k, a16, lda, b16, ldb, c, ldc);
   run_tiles(kBf16Tiles, m, n, k, reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b), ldb,
             c, ldc);
 }
@@ -260,7 +309,7 @@ void gemm_nt_bf16(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, c
 void gemm_nt_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                  int64_t ldc) {
   if (!avx512::cpu_has()) throw std::logic_error("m1 fused_moe: gemm_nt_f32 needs AVX-512");
-  if (m >= kPackedMinRows && k > 0) return gemm_nt_f32_packed(m, n, k, a, lda, b, ldb, c, ldc);
+  if (m >= kPackedMinRows<float> && k > 0) return gemm_nt_packed(m, n, k, a, lda, b, ldb, c, ldc);
   run_tiles(kF32Tiles, m, n, k, a, lda, b, ldb, c, ldc);
 }
 
