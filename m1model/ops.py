@@ -107,21 +107,11 @@ def fp32_logits(hidden, weight) -> torch.Tensor:
     return _impl("fp32_logits")(hidden, weight)
 
 
-def _rms_norm_kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether m1ops.rms_norm takes these: CPU tensors (its only kernel), weight in x's dtype or
-    float32 with 16-bit x."""
-    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() == 0:
-        return False
-    if weight.dtype == x.dtype:
-        return x.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    return weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D]; weight [D] -> x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times the
     weight. m1ops' one-pass kernel where it applies (a decode step runs 25 norms of one row: one
     op each instead of seven), the reference otherwise (other devices, other dtype pairs)."""
-    if not _state["reference"] and _rms_norm_kernel_ok(x, weight):
+    if not _state["reference"] and m1ops.norm.kernel_takes(x, weight):
         return m1ops.rms_norm(x, weight, eps)
     return _ref.rms_norm(x, weight, eps)
 

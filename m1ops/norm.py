@@ -34,6 +34,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.m1.rms_norm(unit_rows(x), weight, eps)
 
 
+def kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether rms_norm accepts these (callers with other inputs run a PyTorch formulation): CPU
+    tensors (its only kernel), x of at least one dimension, weight in x's dtype or float32 with
+    16-bit x."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() == 0:
+        return False
+    if weight.dtype == x.dtype:
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    return weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return x.dtype if weight.dtype == x.dtype else torch.float32
 

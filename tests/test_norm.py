@@ -114,3 +114,22 @@ def test_opcheck(dtype, weight_dtype):
 def test_bad_input(make, error, match):
     with pytest.raises(error, match=match):
         m1ops.rms_norm(*make())
+
+
+def test_kernel_takes_matches_the_op():
+    """m1model runs the op exactly where kernel_takes says yes and the twin elsewhere."""
+    from m1model import ops
+
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    for xd in dtypes:
+        for wd in dtypes:
+            x, w = torch.randn(3, 16).to(xd), torch.ones(16, dtype=wd)
+            takes = m1ops.norm.kernel_takes(x, w)
+            try:
+                m1ops.rms_norm(x, w, 1e-6)
+                ran = True
+            except TypeError:
+                ran = False
+            assert takes == ran, (xd, wd)
+            if not takes:
+                assert torch.equal(ops.rms_norm(x, w, 1e-6), torch_ops.rms_norm(x, w, 1e-6))

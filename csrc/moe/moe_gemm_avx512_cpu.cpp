@@ -212,6 +212,8 @@ M1_TARGET_AVX512 void pack_panel(const E* b, int64_t ldb, int rows, int64_t kc, 
 
 // One unit of k into the MR x 32 accumulators: A[i, unit] broadcast against the panel's two
 // vectors; fp32 FMA, or vdpbf16ps on a bf16 pair (`half`: the last, odd value of k alone).
+// Both instantiations carry the AVX512-BF16 target so that the bf16 one can inline; the fp32 one
+// issues no BF16 instruction and runs wherever avx512::cpu_has() holds.
 template <typename E, int MR, bool half = false>
 M1_TARGET_AVX512_BF16 M1_INLINE void unit_step(__m512 (&acc)[MR][2], const E* a, int64_t lda, int64_t p,
                                                 const float* units) {
