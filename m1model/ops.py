@@ -73,8 +73,19 @@ def _impl(name: str):
 
 def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_final_state=False, cu_seqlens=None,
                    block_size=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q, k [B, T, H, K]; v [B, T, H, V]; slope [H] fp32; states [N, H, K, V] fp32 -> (o [B, T, H, V], final)."""
-    return _impl("lightning_attn")(
+    """q, k [B, T, H, K]; v [B, T, H, V]; slope [H] fp32; states [N, H, K, V] fp32 -> (o [B, T, H, V], final).
+
+    Head dims without a kernel on q's device (CUDA: K = V in {64, 128}) run the reference, with a
+    one-time warning."""
+    impl = _impl("lightning_attn")
+    if impl is not _ref.lightning_attn and not m1ops.lightning.kernel_takes(q, v):
+        key = f"lightning_attn/{q.device.type}/{q.shape[-1]}x{v.shape[-1]}"
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("m1ops.lightning_attn has no %s kernel for head dims K = %d, V = %d: m1model runs its "
+                        "pure-PyTorch reference for them", q.device.type, q.shape[-1], v.shape[-1])
+        impl = _ref.lightning_attn
+    return impl(
         q, k, v, slope, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, block_size=block_size,
     )

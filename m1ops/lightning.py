@@ -7,6 +7,8 @@ Decay: head h multiplies its [K, V] state by lambda_h = exp(-slope_h) per token.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from m1ops._layout import dense, unit_rows
@@ -112,6 +114,24 @@ def lightning_attn(
         scale=scale, block_size=block_size,
     )
     return o, (final_state if output_final_state else None)
+
+
+def kernel_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether lightning_attn has a kernel for q's device and these head dims (K = q.shape[-1],
+    V = v.shape[-1]): the CPU takes any K, V <= 256, the CUDA kernels K = V in
+    build_info()["cuda_lightning_head_dims"] (64, 128). Callers with other shapes can run a PyTorch
+    formulation (m1model does); the op itself raises a ValueError naming the dims."""
+    K, V = q.shape[-1], v.shape[-1]
+    if q.device.type == "cpu":
+        return K <= 256 and V <= 256
+    return q.device.type == "cuda" and K == V and K in _cuda_head_dims()
+
+
+@functools.cache
+def _cuda_head_dims() -> frozenset[int]:
+    from m1ops._build import build_info
+
+    return frozenset(build_info().get("cuda_lightning_head_dims", ()))
 
 
 def _state_dtype(q: torch.Tensor) -> torch.dtype:

@@ -490,6 +490,22 @@ def test_mixed_devices_and_cuda_limits_raise():
     torch.testing.assert_close(o_256, m1ops.lightning_attn(q, k, v, slope)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_takes_matches_the_op(device):
+    """m1ops.lightning.kernel_takes says yes exactly where the op runs and no where it raises."""
+    dims = m1ops.build_info()["cuda_lightning_head_dims"]
+    assert dims == ([64, 128] if m1ops.build_info()["cuda"] else [])
+    for K, V in [(1, 1), (16, 16), (64, 64), (128, 128), (64, 128), (257, 8), (8, 257)]:
+        q, k, v, slope, _ = make_inputs(1, 9, 2, K, V, torch.float32, device)
+        takes = m1ops.lightning.kernel_takes(q, v)
+        if takes:
+            m1ops.lightning_attn(q, k, v, slope)
+        else:
+            with pytest.raises(ValueError, match=r"K = V in \{64, 128\}|must be <= 256"):
+                m1ops.lightning_attn(q, k, v, slope)
+    assert m1ops.lightning.kernel_takes(*(torch.zeros(1, 1, 1, 16, device=device),) * 2) == (device == "cpu")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -148,7 +148,8 @@ PrefillArgs make_prefill_args(const char* op, const at::Tensor& q, const at::Ten
     args.grad_final_state = checked_state(op, "grad_final_state", *grad_final_state, q, {N, H, K, V}, args.state_dtype);
   }
 
-  TORCH_CHECK_VALUE(K <= 256 && V <= 256, op, ": head dims K, V must be <= 256, got K = ", K, ", V = ", V);
+  TORCH_CHECK_VALUE(K <= kMaxHeadDim && V <= kMaxHeadDim, op, ": head dims K, V must be <= ", kMaxHeadDim,
+                    ", got K = ", K, ", V = ", V);
   // block_size is a speed knob (the result does not depend on it), validated alike on every device.
   TORCH_CHECK_VALUE(!block_size || (*block_size >= 1 && *block_size <= kCpuMaxBlock), op,
                     ": 'block_size' must be in [1, ", kCpuMaxBlock, "], got ", block_size.value_or(0));
@@ -157,7 +158,7 @@ PrefillArgs make_prefill_args(const char* op, const at::Tensor& q, const at::Ten
   } else {
 #if defined(M1_WITH_CUDA)
     TORCH_CHECK_VALUE(cuda_prefill_supports(K, V), op, ": the CUDA kernels take K = V in {64, 128}, got K = ", K,
-                      ", V = ", V, " (the CPU kernel takes any K, V <= 256)");
+                      ", V = ", V, " (the CPU kernel takes any K, V <= ", kMaxHeadDim, ")");
     // The CUDA kernels always run blocks of their MMA tile, whatever size was asked for, so code
     // tuned for the CPU runs unchanged on a GPU.
     args.params.block_size = kCudaBlock;

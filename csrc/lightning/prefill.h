@@ -64,6 +64,7 @@ struct PrefillParams {
 // Default tokens per block when the caller passes none.
 constexpr int64_t kCpuDefaultBlock = 64;
 constexpr int64_t kCpuMaxBlock = 4096;  // the CPU keeps a block x block score tile per thread
+constexpr int64_t kMaxHeadDim = 256;    // K, V on every device
 
 void prefill_fwd_cpu(const PrefillParams& p);
 void prefill_bwd_cpu(const PrefillParams& p);
