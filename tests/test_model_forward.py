@@ -6,6 +6,7 @@ Shapes: B batch, T tokens, V vocab, D model dim, H heads, Dh head dim.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -263,6 +264,69 @@ def test_bf16_weights_error_no_worse_than_transformers(tmp_path):
     assert err <= max(2 * err_hf, 1e-3), f"bf16: ours {err:.2e}, transformers {err_hf:.2e}"
 
 
+# On CUDA: TINY with a head dim the CUDA lightning kernels take (64; TINY's 16 runs the reference).
+CUDA_CONFIG = M1Config.preset("tiny", head_dim=64, rotary_dim=32)
+
+
+def _cuda_budget(name: str) -> float:
+    """fp32 on CUDA: the lightning kernels multiply on TF32 tensor cores (DESIGN 4; m1ops' lightning
+    tests allow 4 * 2^-11 per call), the rest is exact fp32. Each lightning layer adds at most that to
+    its branch in the forward, and once more in the backward for the weight gradients."""
+    per_pass = 4 * 2.0**-11 * sum(t == LINEAR for t in CUDA_CONFIG.layer_types)
+    return per_pass if name in ("logits", "log-probs") else 2 * per_pass
+
+
+def _run_model(model, ids, mask, targets, grads=True):
+    """{logits, log-probs[, every weight gradient of sum(log-probs)]} of a model on ids' device."""
+    model.zero_grad()
+    with torch.set_grad_enabled(grads):
+        logits = model(ids, attention_mask=mask)
+        logprobs = model(ids, attention_mask=mask, targets=targets)
+    out = {"logits": logits.detach(), "log-probs": logprobs.detach()}
+    if grads:
+        logprobs.sum().backward()
+        out.update({n: p.grad for n, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_model_matches_float64(dtype):
+    """The model on the CUDA kernels against the float64 CPU model, on a left-padded batch.
+
+    fp32: logits, log-probs and every weight gradient within the TF32 budget of _cuda_budget.
+    bf16: logits and log-probs no worse than 2x a same-dtype implementation (DESIGN 4's peer rule;
+    the peers: the CPU kernels, and the reference switch on CUDA). bf16 weight gradients of this
+    random model are 15-20% off float64 on the CPU kernels too (the forward's rounding, amplified):
+    no test signal there.
+    """
+    fp32 = dtype == torch.float32
+    # bf16: every token on every expert, so that no token's top-k choice can flip between two
+    # implementations on a near tie (a discrete jump, not rounding).
+    config = CUDA_CONFIG if fp32 else with_(CUDA_CONFIG, num_experts_per_tok=CUDA_CONFIG.num_local_experts)
+    model = random_model(config, seed=22)
+    ids = tokens_for(config, B=2)
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    mask[1, :5] = False  # a left-padded row
+    targets = torch.roll(ids, -1, dims=1)
+
+    def run(m, device):
+        return _run_model(m.to(device), ids.to(device), mask.to(device), targets.to(device), grads=fp32)
+
+    ref = run(copy.deepcopy(model).double(), "cpu")
+    cuda = run(copy.deepcopy(model).to(dtype), "cuda")
+    peers = [run(copy.deepcopy(model).to(dtype), "cpu")]
+    if not fp32:
+        with ops.use_reference(True):
+            peers.append(run(copy.deepcopy(model).to(dtype), "cuda"))
+    for name, r in ref.items():
+        err, err_peers = rel_err(cuda[name], r), [rel_err(p[name], r) for p in peers]
+        budget = _cuda_budget(name) if fp32 else 2 * max(err_peers)
+        print(f"{name}: cuda {err:.2e}, peers {', '.join(f'{e:.2e}' for e in err_peers)}, budget {budget:.2e}")
+        assert err <= budget, f"{name}: cuda {err:.2e}, peers {err_peers}, budget {budget:.2e}"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -295,3 +359,23 @@ def test_missing_kernel_falls_back_visibly(monkeypatch, caplog):
         model.generate([[1, 2, 3]], max_new_tokens=3, eos_token_id=())
     warnings = [r for r in caplog.records if "m1ops.lightning_attn_decode is not available" in r.getMessage()]
     assert len(warnings) == 1 and len(out.tokens[0]) == 3
+
+
+def test_head_dims_without_a_kernel_run_the_reference(monkeypatch, caplog):
+    """Where m1ops.lightning_attn has no kernel for the head dims (CUDA takes 64 and 128), the model
+    runs the reference instead, says so once, and gives the reference's logits."""
+    import m1ops
+
+    model = random_model(TINY, seed=23)
+    ids = tokens_for(TINY, B=2)
+    with torch.no_grad():
+        with ops.use_reference(True):
+            expect = model(ids)
+        monkeypatch.setattr(m1ops.lightning, "kernel_takes", lambda q, v: False)
+        monkeypatch.setattr(ops, "_warned", set())
+        with caplog.at_level("WARNING", logger="m1model.ops"):
+            out = model(ids)
+            model(ids)
+    warnings = [r for r in caplog.records if "m1ops.lightning_attn has no cpu kernel for head dims" in r.getMessage()]
+    assert len(warnings) == 1
+    assert_rel_close(out, expect, 1e-5, "logits")
