@@ -87,6 +87,11 @@ def fused_moe(
     intermediate activations to bfloat16 as any bf16 MLP does. On CUDA
     the op synchronises its stream once per call: it reads the per-expert
     token counts back to size the grouped GEMMs (and learns of bad ids).
+    The environment variable M1_MOE_GATE_UP (read on every call) picks the
+    CUDA gate/up step: 'fused' (one grouped dual GEMM with SiLU * up in its
+    epilogue), 'unfused' (CUTLASS grouped GEMM, then an elementwise pass) or
+    'auto' (default: unfused for bf16/fp16 on sm_90 and newer, where it
+    measured faster, fused otherwise). Both agree to rounding.
     """
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, w_gate_up, w_down, topk_weights)

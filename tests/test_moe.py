@@ -433,9 +433,10 @@ def sorted_pre_activations_ref(x, w_gate_up, ids):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", FUSED_SHAPES.values(), ids=FUSED_SHAPES.keys())
-def test_cuda_fused_gate_up(shape, dtype):
+def test_cuda_fused_gate_up(shape, dtype, monkeypatch):
     """y, every gradient and the saved pre-activations of the fused gate/up
     kernel against float64, and against the unfused path (x at an odd offset)."""
+    monkeypatch.setenv("M1_MOE_GATE_UP", "fused")  # the default takes the unfused path on sm_90
     T, D, F, E, k, used = shape
     pick = torch.tensor(used)
     ids = torch.stack([pick[torch.randperm(len(used))[:k]] for _ in range(T)])  # k distinct used experts
@@ -471,6 +472,43 @@ def test_cuda_fused_gate_up(shape, dtype):
     for name, a, b in zip(("x", "w_gate_up", "w_down", "topk_weights"), from_fused, from_unfused):
         assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"grad {name}: non-finite values"
         assert_rel_close(b, a, tol, f"grad {name}: unfused vs fused pre-activations")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_gate_up_switch(dtype, monkeypatch):
+    """M1_MOE_GATE_UP picks forward step 3: 'unfused' on aligned x is the path an odd-offset x takes,
+    'auto' (the default) is unfused for bf16/fp16 on sm_90+ and fused otherwise; bad values raise."""
+    x, wgu, wd, tw, ids = make_moe(300, 64, 48, 5, 2, dtype, "cuda")
+    tol = CUDA_TOL[dtype]
+    out = {}
+    for mode in ("fused", "unfused", "auto", None):
+        if mode is None:
+            monkeypatch.delenv("M1_MOE_GATE_UP")
+        else:
+            monkeypatch.setenv("M1_MOE_GATE_UP", mode)
+        out[mode] = torch.ops.m1.fused_moe(x, wgu, wd, tw, ids, save_gate_up=True)
+    y_ref = fused_moe_ref(x.double().cpu(), wgu.double().cpu(), wd.double().cpu(), tw.double().cpu(), ids.cpu())
+    h_ref = sorted_pre_activations_ref(x, wgu, ids)
+    for mode in ("fused", "unfused"):
+        assert_close_to_ref(out[mode][0], y_ref, tol, f"y ({mode})")
+        assert_close_to_ref(out[mode][1], h_ref, tol, f"gate_up ({mode})")
+    wide = torch.zeros(300, 65, device="cuda", dtype=dtype)
+    wide[:, 1:] = x
+    y_odd, _ = torch.ops.m1.fused_moe(wide[:, 1:], wgu, wd, tw, ids)
+    if dtype != torch.float32:  # fp32 takes the fused kernel at any offset (scalar loads)
+        torch.testing.assert_close(y_odd, out["unfused"][0], rtol=0, atol=0)
+        # The two paths round differently, so the comparisons below can tell which one ran.
+        assert not torch.equal(out["fused"][0], out["unfused"][0])
+    sm90 = torch.cuda.get_device_capability(x.device)[0] >= 9
+    expect = "unfused" if dtype != torch.float32 and sm90 else "fused"
+    for mode in ("auto", None):
+        torch.testing.assert_close(out[mode][0], out[expect][0], rtol=0, atol=0)
+        torch.testing.assert_close(out[mode][1], out[expect][1], rtol=0, atol=0)
+    monkeypatch.setenv("M1_MOE_GATE_UP", "fast")
+    with pytest.raises(ValueError, match="M1_MOE_GATE_UP must be 'auto', 'fused' or 'unfused', got 'fast'"):
+        torch.ops.m1.fused_moe(x, wgu, wd, tw, ids)
 
 
 # ---------------------------------------------------------------- torch integration

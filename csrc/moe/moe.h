@@ -52,6 +52,9 @@ struct MoeInputs {
   const void* topk_ids = nullptr;      // [T, k] contiguous, int32 or int64
   bool ids_int64 = true;
   CpuGemm cpu_gemm = CpuGemm::kAuto;   // CPU kernels only
+  // CUDA forward step 3 (moe_cuda.cu): the fused gate/up kernel where it supports the inputs (true),
+  // or the unfused path (false). The torch glue sets it (M1_MOE_GATE_UP, moe_glue_cuda.cpp).
+  bool cuda_fused_gate_up = true;
 };
 
 struct ForwardParams {

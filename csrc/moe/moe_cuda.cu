@@ -27,9 +27,11 @@
 //
 // Step 3 takes every float32 input (SIMT FFMA, exact fp32) and bf16/fp16
 // inputs whose x and W_gate_up rows are 16-byte vectors (gate_up_fused_supported:
-// x 16-byte aligned with a row stride that is a multiple of 8; D is). For a
-// bf16/fp16 x that is not (a view at an odd offset), step 3 is the unfused
-// path:
+// x 16-byte aligned with a row stride that is a multiple of 8; D is), unless
+// the caller asks for the unfused path (MoeInputs::cuda_fused_gate_up: the
+// glue's choice, by default unfused for bf16/fp16 on sm_90, where it measured
+// faster). For a bf16/fp16 x that is not (a view at an odd offset), or when
+// asked, step 3 is the unfused path:
 //   3a. xs  = x[token of slot p]                       gather, 16-byte vectors   [P, D]  dtype
 //   3b. h   = xs_e W_gate_up[e]^T                      grouped GEMM (kRowCol)    [P, 2F] dtype
 //   3c. act = w_p silu(g) u                            one elementwise pass      [P, F]  dtype
@@ -319,7 +321,7 @@ void gate_up_gemm(const MoeInputs& in, const Permutation& perm, const T* xs, T* 
 
 // Whether forward step 3 is the fused dual GEMM (see the file header).
 bool fused_gate_up(const MoeInputs& in) {
-  return gate_up_fused_supported(in.dtype, in.x, in.x_row_stride, in.w_gate_up, in.shape.dim);
+  return in.cuda_fused_gate_up && gate_up_fused_supported(in.dtype, in.x, in.x_row_stride, in.w_gate_up, in.shape.dim);
 }
 
 template <typename T>
