@@ -60,14 +60,18 @@ def status() -> dict[str, str]:
     }
 
 
+def _warn_once(key: str, message: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
 def _impl(name: str):
     if not _state["reference"]:
         fast = getattr(m1ops, name, None)
         if fast is not None:
             return fast
-        if name not in _warned:
-            _warned.add(name)
-            log.warning("m1ops.%s is not available: m1model runs its pure-PyTorch reference instead", name)
+        _warn_once(name, "m1ops.%s is not available: m1model runs its pure-PyTorch reference instead", name)
     return getattr(_ref, name)
 
 
@@ -79,11 +83,9 @@ def lightning_attn(q, k, v, slope, *, scale=1.0, initial_state=None, output_fina
     one-time warning."""
     impl = _impl("lightning_attn")
     if impl is not _ref.lightning_attn and not m1ops.lightning.kernel_takes(q, v):
-        key = f"lightning_attn/{q.device.type}/{q.shape[-1]}x{v.shape[-1]}"
-        if key not in _warned:
-            _warned.add(key)
-            log.warning("m1ops.lightning_attn has no %s kernel for head dims K = %d, V = %d: m1model runs its "
-                        "pure-PyTorch reference for them", q.device.type, q.shape[-1], v.shape[-1])
+        _warn_once(f"lightning_attn/{q.device.type}/{q.shape[-1]}x{v.shape[-1]}",
+                   "m1ops.lightning_attn has no %s kernel for head dims K = %d, V = %d: m1model runs its "
+                   "pure-PyTorch reference for them", q.device.type, q.shape[-1], v.shape[-1])
         impl = _ref.lightning_attn
     return impl(
         q, k, v, slope, scale=scale, initial_state=initial_state, output_final_state=output_final_state,

@@ -49,7 +49,8 @@ def build_info() -> dict:
     kernels were compiled and for which archs; cutlass: version and source of
     the headers; ops: for every torch.ops.m1 op, the devices with a kernel;
     cpu_gemm: the GEMM the CPU kernels call on tiles; cpu_avx512 / cpu_avx512_bf16: whether
-    this CPU runs the AVX-512 (AVX512-BF16) kernels.
+    this CPU runs the AVX-512 (AVX512-BF16) kernels; lightning_max_head_dim /
+    cuda_lightning_head_dims: the head dims lightning_attn takes on any device / on CUDA.
     """
     info = _read_build_file()
     info["torch_runtime"] = torch.__version__

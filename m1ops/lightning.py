@@ -122,16 +122,19 @@ def kernel_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
     build_info()["cuda_lightning_head_dims"] (64, 128). Callers with other shapes can run a PyTorch
     formulation (m1model does); the op itself raises a ValueError naming the dims."""
     K, V = q.shape[-1], v.shape[-1]
+    max_dim, cuda_dims = _head_dim_rules()
     if q.device.type == "cpu":
-        return K <= 256 and V <= 256
-    return q.device.type == "cuda" and K == V and K in _cuda_head_dims()
+        return K <= max_dim and V <= max_dim
+    return q.device.type == "cuda" and K == V and K in cuda_dims
 
 
 @functools.cache
-def _cuda_head_dims() -> frozenset[int]:
+def _head_dim_rules() -> tuple[int, frozenset[int]]:
+    """(largest K, V on any device; K = V the CUDA kernels take), as the compiled op checks them."""
     from m1ops._build import build_info
 
-    return frozenset(build_info().get("cuda_lightning_head_dims", ()))
+    info = build_info()
+    return info["lightning_max_head_dim"], frozenset(info["cuda_lightning_head_dims"])
 
 
 def _state_dtype(q: torch.Tensor) -> torch.dtype:

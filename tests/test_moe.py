@@ -416,6 +416,13 @@ FUSED_SHAPES = {  # (T, D, F, E, k, experts used)
 }
 
 
+def odd_offset(x):
+    """x's values in a view whose rows start one element past a 16-byte boundary."""
+    wide = torch.zeros(x.shape[0], x.shape[1] + 1, device=x.device, dtype=x.dtype)
+    wide[:, 1:] = x
+    return wide[:, 1:]
+
+
 def sorted_pre_activations_ref(x, w_gate_up, ids):
     """h = [g | u] in float64 for every slot, rows in expert-sorted order (stable by slot)."""
     flat = ids.flatten().cpu()
@@ -453,9 +460,7 @@ def test_cuda_fused_gate_up(shape, dtype, monkeypatch):
     torch.testing.assert_close(y_plain, y, rtol=0, atol=0)
 
     # x at an odd element offset: bf16/fp16 take the unfused path, fp32 the fused one (scalar loads).
-    wide = torch.zeros(T, D + 1, device="cuda", dtype=dtype)
-    wide[:, 1:] = x
-    x_odd = wide[:, 1:]
+    x_odd = odd_offset(x)
     y_odd, gate_up_odd = torch.ops.m1.fused_moe(x_odd, wgu, wd, tw, ids, save_gate_up=True)
     y_ref = fused_moe_ref(x.double().cpu(), wgu.double().cpu(), wd.double().cpu(), tw.double().cpu(), ids.cpu())
     assert_close_to_ref(y_odd, y_ref, tol, "y (x at an odd offset)")
@@ -494,9 +499,7 @@ def test_cuda_gate_up_switch(dtype, monkeypatch):
     for mode in ("fused", "unfused"):
         assert_close_to_ref(out[mode][0], y_ref, tol, f"y ({mode})")
         assert_close_to_ref(out[mode][1], h_ref, tol, f"gate_up ({mode})")
-    wide = torch.zeros(300, 65, device="cuda", dtype=dtype)
-    wide[:, 1:] = x
-    y_odd, _ = torch.ops.m1.fused_moe(wide[:, 1:], wgu, wd, tw, ids)
+    y_odd, _ = torch.ops.m1.fused_moe(odd_offset(x), wgu, wd, tw, ids)
     if dtype != torch.float32:  # fp32 takes the fused kernel at any offset (scalar loads)
         torch.testing.assert_close(y_odd, out["unfused"][0], rtol=0, atol=0)
         # The two paths round differently, so the comparisons below can tell which one ran.

@@ -33,6 +33,7 @@ extern "C" const char* m1_runtime_info() {
                                   // fused MoE, the FP32 head and the few-rows GEMM.
                                   ", \"cpu_avx512\": " + (m1::avx512::cpu_has() ? "true" : "false") +
                                   ", \"cpu_avx512_bf16\": " + (m1::avx512::cpu_has_bf16() ? "true" : "false") +
+                                  ", \"lightning_max_head_dim\": " + std::to_string(m1::lightning::kMaxHeadDim) +
                                   ", \"cuda_lightning_head_dims\": " + cuda_lightning_head_dims() + "}";
   return info.c_str();
 }

@@ -41,7 +41,7 @@ void check_cuda_layout(const char* op, const MoeInputs& in, std::initializer_lis
 // Forward step 3 (moe_cuda.cu): M1_MOE_GATE_UP=fused takes the fused gate/up kernel wherever it
 // supports the inputs, =unfused the CUTLASS grouped GEMM + elementwise pass; unset or =auto:
 // unfused for bf16/fp16 on sm_90 and newer, fused otherwise. On an H100 the fused kernel (SM80 MMA
-// atoms, 64 x 64 tiles) ran at 0.73-0.93x of the unfused path for T = 512..16384 (D = 1024,
+// atoms, 64 x 64 tiles) ran at 0.70-0.93x of the unfused path for T = 512..16384 (D = 1024,
 // F = 1536, E = 32, k = 2; bench/bench_moe_cuda.py), and the CUDA MoE tests passed with this
 // default there. float32 measured 0.73-0.78x too but keeps the fused kernel until its tests have run
 // on the unfused path on a GPU; sm_80 is not measured. Read on every call, so that a process can switch.
